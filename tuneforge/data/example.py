@@ -1,0 +1,54 @@
+"""The normalised record every data format is read into.
+
+Whatever the file looked like (prompt/completion, chat messages, alpaca, classification,
+preference pairs, rankings), the rest of tuneforge sees :class:`Example`. ``source`` and
+``line`` stay attached so any later problem (too long after templating, say) can still be
+reported as ``file:line``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Message:
+    """One chat turn. ``weight`` 0 excludes an assistant turn from the loss (OpenAI style)."""
+
+    role: str
+    content: str
+    weight: float | None = None
+
+
+@dataclass
+class Example:
+    """One record, normalised.
+
+    Supervised examples use either ``messages`` (rendered with the tokenizer's chat template)
+    or ``prompt`` + ``completion`` (raw text, concatenated as is: the classic separator style).
+    Preference pairs and rankings use ``prompt_messages`` plus ``responses`` (each response
+    is the list of assistant messages that follows the prompt), best first.
+    """
+
+    source: str
+    line: int
+    format: str
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    label: str | None = None
+    prompt_messages: list[Message] | None = None
+    responses: list[list[Message]] | None = None
+    scores: list[float] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """``"sft"``, ``"preference"`` (two responses) or ``"ranking"`` (two or more, ranked)."""
+        if self.responses is not None:
+            return "preference" if self.format == "preference" else "ranking"
+        return "sft"
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
