@@ -1,0 +1,302 @@
+"""Run configuration: typed sections, read from YAML plus dotted ``--set`` overrides.
+
+Every problem is gathered and reported in one :class:`ConfigError`: unknown keys (with the
+closest known key as a hint), values of the wrong type, values out of range. A config that
+loads is a config the recipes can trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tuneforge.errors import ConfigError
+
+PEFT_METHODS = ("lora", "dora", "loha", "lokr", "ia3")
+METHODS = ("full", "freeze", *PEFT_METHODS)
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to start from, and how to hold it."""
+
+    name: str = "builtin:smollm2-135m-instruct"
+    """builtin:NAME, tiny:ARCH, a local Hugging Face folder, or a .gguf file."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weight storage dtype. float32 master weights + bf16 autocast is the safe default."""
+    dropout: float | None = None
+    """Override the model's attention/hidden dropout probability (None keeps the model's)."""
+
+
+@dataclass
+class AdapterConfig:
+    """What is trained: the whole model, its top layers, or a PEFT adapter."""
+
+    method: Literal["full", "freeze", "lora", "dora", "loha", "lokr", "ia3"] = "lora"
+    r: int = 16
+    """Adapter rank (lora, dora, loha, lokr)."""
+    alpha: float = 32.0
+    dropout: float = 0.05
+    """Dropout on the adapter's input (lora family)."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or 'all-linear' for every linear layer but the output head."""
+    rslora: bool = False
+    """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+    trainable_layers: int = 2
+    """method=freeze: how many of the top transformer layers stay trainable."""
+    train_embeddings: bool = False
+    """method=freeze: also train the input embeddings (and a tied output head)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become tokens."""
+
+    train: str = ""
+    """Training file (JSONL, CSV or Parquet)."""
+    validation: str | None = None
+    """Validation file; if absent, validation_fraction of train is held out."""
+    validation_fraction: float = 0.0
+    test: str | None = None
+    """Test file: never trained on; checked for overlap with train."""
+    format: str | None = None
+    """Force a format instead of auto-detection (chat, prompt_completion, alpaca, ...)."""
+    max_length: int = 1024
+    """Longest example in tokens after templating."""
+    too_long: Literal["error", "truncate", "drop"] = "error"
+    """What to do with longer examples: refuse the data, cut them, or drop them (reported)."""
+    train_on_prompt: bool = False
+    """Also take the loss on prompt tokens (default: completions only)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation itself."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = 8
+    """Examples per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = batch_size * grad_accum * processes."""
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    """Overrides warmup_ratio when set."""
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    bf16: Literal["auto", "true", "false"] = "auto"
+    """bf16 autocast: auto uses it where the device supports it."""
+    gradient_checkpointing: bool = False
+    eval_every: int = 50
+    """Validation loss every N optimizer steps (0: only at the end)."""
+    save_every: int = 50
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improvement; the best checkpoint is restored."""
+    early_stopping_min_delta: float = 0.0
+    log_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, adapter, data, training, and where results go."""
+
+    recipe: Literal["sft"] = "sft"
+    output_dir: str = "runs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides, validate, return a RunConfig."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = _deep_merge(data, loaded)
+    errors: list[str] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            errors.append(f"--set {item!r}: expected key.sub=value")
+            continue
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    config = _build(RunConfig, data, "", errors)
+    if config is not None:
+        errors.extend(validate(config))
+    if errors:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"{len(errors)} problem(s){where}:\n" + "\n".join(f"  - {e}" for e in errors))
+    return config
+
+
+def validate(config: RunConfig) -> list[str]:
+    """Range and consistency checks that types alone cannot express."""
+    errors = []
+    t, d, a = config.train, config.data, config.adapter
+    positive = {
+        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+        "data.max_length": d.max_length, "adapter.r": a.r,
+    }
+    errors += [f"{k}: must be >= 1 (got {v})" for k, v in positive.items() if v < 1]
+    if t.lr <= 0:
+        errors.append(f"train.lr: must be > 0 (got {t.lr})")
+    if t.epochs <= 0 and not t.max_steps:
+        errors.append("train.epochs: must be > 0 (or set train.max_steps)")
+    if not 0 <= d.validation_fraction < 1:
+        errors.append(f"data.validation_fraction: must be in [0, 1) (got {d.validation_fraction})")
+    if d.validation and d.validation_fraction:
+        errors.append("data.validation and data.validation_fraction: give one, not both")
+    if not 0 <= a.dropout < 1:
+        errors.append(f"adapter.dropout: must be in [0, 1) (got {a.dropout})")
+    if config.model.dropout is not None and not 0 <= config.model.dropout < 1:
+        errors.append(f"model.dropout: must be in [0, 1) (got {config.model.dropout})")
+    if a.method == "freeze" and a.trainable_layers < 0:
+        errors.append("adapter.trainable_layers: must be >= 0")
+    if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+        errors.append("train.early_stopping_patience: must be >= 1")
+    if t.early_stopping_patience and not (d.validation or d.validation_fraction):
+        errors.append("train.early_stopping_patience: needs validation data (data.validation "
+                      "or data.validation_fraction)")
+    if t.keep_last < 1:
+        errors.append("train.keep_last: must be >= 1")
+    if not d.train:
+        errors.append("data.train: required (path to the training file)")
+    return errors
+
+
+# --- generic dataclass building with type checks -------------------------------------------
+
+
+def _build(cls: type, data: Any, prefix: str, errors: list[str]):
+    if not isinstance(data, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(fields)}"
+            errors.append(f"{prefix}{key}: unknown key{hint}")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            built = _build(hint, value, f"{prefix}{key}.", errors)
+            if built is not None:
+                kwargs[key] = built
+            continue
+        ok, coerced = _check_type(value, hint)
+        if ok:
+            kwargs[key] = coerced
+        else:
+            errors.append(f"{prefix}{key}: expected {_type_name(hint)}, got {value!r}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        errors.append(f"{prefix.rstrip('.')}: {err}")
+        return None
+
+
+def _check_type(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, coerced = _check_type(value, arm)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if isinstance(value, bool) and "true" in choices:
+            value = "true" if value else "false"
+        return value in choices, value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            return False, value
+        checked = [_check_type(v, item) for v in value]
+        return all(ok for ok, _ in checked), [v for _, v in checked]
+    if hint is type(None):
+        return value is None, value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is Any:
+        return True, value
+    return isinstance(value, hint), value
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

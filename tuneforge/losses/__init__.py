@@ -1,0 +1,1 @@
+"""Loss functions: tensors in, (loss, metrics) out."""
