@@ -15,8 +15,14 @@ from tuneforge.config import AdapterConfig
 from tuneforge.errors import ConfigError
 
 
-def prepare_model(model: PreTrainedModel, cfg: AdapterConfig, *, model_dropout: float | None = None):
-    """Apply the adapter method; return the model to train (a PeftModel for PEFT methods)."""
+def prepare_model(
+    model: PreTrainedModel, cfg: AdapterConfig, *, model_dropout: float | None = None, seed: int = 0
+):
+    """Apply the adapter method; return the model to train (a PeftModel for PEFT methods).
+
+    Adapter weights are initialised from ``seed``, so every process (and every rerun) starts
+    from the same adapter.
+    """
     if model_dropout is not None:
         set_dropout(model, model_dropout)
     if cfg.method == "full":
@@ -26,7 +32,9 @@ def prepare_model(model: PreTrainedModel, cfg: AdapterConfig, *, model_dropout: 
     if cfg.method == "freeze":
         freeze_all_but_top(model, cfg.trainable_layers, cfg.train_embeddings)
         return model
-    return attach_peft(model, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return attach_peft(model, cfg)
 
 
 def attach_peft(model: PreTrainedModel, cfg: AdapterConfig):

@@ -40,7 +40,8 @@ def run_sft(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
 
     model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, seed=config.train.seed)
     model.config.use_cache = False
-    model = prepare_model(model, config.adapter, model_dropout=config.model.dropout)
+    model = prepare_model(model, config.adapter, model_dropout=config.model.dropout,
+                          seed=config.train.seed)
     params = trainable_summary(model)
     if acc.is_main_process:
         dump_config(config, run_dir / "config.yaml")

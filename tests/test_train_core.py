@@ -1,0 +1,206 @@
+"""The training step's invariants, on a tiny llama built in code (fp32, seconds each)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tuneforge.config import AdapterConfig, TrainConfig
+from tuneforge.data.example import Example, Message
+from tuneforge.data.packing import pack, pad
+from tuneforge.data.render import IGNORE_INDEX, render_sft
+from tuneforge.errors import DataError
+from tuneforge.losses.causal_lm import CausalLMLoss
+from tuneforge.models.adapters import prepare_model
+from tuneforge.models.loading import load_model
+from tuneforge.train.loop import global_batches, train
+
+from helpers import chat_records
+
+
+def examples(n: int = 8) -> list[Example]:
+    return [Example("mem", i + 1, "chat", messages=[Message(**m) for m in r["messages"]])
+            for i, r in enumerate(chat_records(n))]
+
+
+def tokenized(n: int = 8):
+    _, tok = load_model("tiny:llama")
+    return [render_sft(e, tok) for e in examples(n)]
+
+
+def quiet(**kw) -> TrainConfig:
+    base = dict(bf16="false", progress=False, eval_every=0, save_every=0, warmup_steps=0,
+                schedule="constant", lr=1e-2, max_grad_norm=None)
+    return TrainConfig(**{**base, **kw})
+
+
+def tiny(method: str = "lora", **adapter):
+    model, tok = load_model("tiny:llama")
+    cfg = AdapterConfig(method=method, dropout=0.0, **adapter)
+    return prepare_model(model, cfg), tok
+
+
+def test_packed_loss_equals_padded_and_naive_loss():
+    model, tok = load_model("tiny:llama")
+    data = tokenized(5)
+    loss = CausalLMLoss(model, chunk_size=7)  # a small chunk exercises the chunking
+    packed, padded = pack(data), pad(data, tok.pad_token_id)
+    s_packed, n_packed = loss(packed["input_ids"], packed["targets"], position_ids=packed["position_ids"])
+    s_padded, n_padded = loss(padded["input_ids"], padded["targets"], attention_mask=padded["attention_mask"])
+    # the naive reference: each example alone, full logits, plain cross-entropy
+    naive = 0.0
+    for ex in data:
+        logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1]
+        naive += torch.nn.functional.cross_entropy(
+            logits, torch.tensor(ex.labels[1:]), ignore_index=IGNORE_INDEX, reduction="sum")
+    assert n_packed == n_padded == sum(ex.num_targets for ex in data)
+    torch.testing.assert_close(s_packed, s_padded, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s_packed, naive, rtol=1e-5, atol=1e-4)
+
+
+def test_packing_resets_positions_per_example():
+    data = tokenized(3)
+    packed = pack(data)
+    starts = [0, len(data[0]), len(data[0]) + len(data[1])]
+    assert packed["input_ids"].shape == (1, sum(len(d) for d in data))  # no padding at all
+    assert [int(packed["position_ids"][0, s]) for s in starts] == [0, 0, 0]
+    # the last token of an example never predicts the next example's first token
+    assert [int(packed["targets"][0, s - 1]) for s in starts[1:]] == [IGNORE_INDEX] * 2
+
+
+def test_chat_mask_covers_exactly_the_assistant_turn_and_its_end_token():
+    _, tok = load_model("tiny:llama")
+    ex = Example("f", 1, "chat", messages=[Message("system", "Be brief."), Message("user", "Hi?"),
+                                           Message("assistant", "Hello."), Message("user", "Bye?"),
+                                           Message("assistant", "Bye now.")])
+    r = render_sft(ex, tok)
+    trained = tok.decode([t if lab != IGNORE_INDEX else tok.pad_token_id
+                          for t, lab in zip(r.input_ids, r.labels)], skip_special_tokens=False)
+    pieces = [p for p in trained.split("<|endoftext|>") if p]
+    assert pieces == ["Hello.<|im_end|>", "Bye now.<|im_end|>"]
+
+
+def test_weight_zero_turn_is_not_trained():
+    _, tok = load_model("tiny:llama")
+    ex = Example("f", 1, "chat", messages=[Message("user", "a"), Message("assistant", "skip me", 0),
+                                           Message("user", "b"), Message("assistant", "learn me")])
+    r = render_sft(ex, tok)
+    assert tok.decode([t for t, lab in zip(r.input_ids, r.labels) if lab != IGNORE_INDEX]) \
+        == "learn me<|im_end|>"
+
+
+def test_raw_prompt_completion_mask_and_eos():
+    _, tok = load_model("tiny:llama")
+    ex = Example("f", 1, "prompt_completion", prompt="James##\n", completion=" name\n###\n")
+    r = render_sft(ex, tok)
+    assert tok.decode(r.input_ids) == "James##\n name\n###\n<|im_end|>"
+    assert tok.decode([t for t, lab in zip(r.input_ids, r.labels) if lab != IGNORE_INDEX]) \
+        == " name\n###\n<|im_end|>"
+
+
+def test_template_without_end_of_turn_token_is_refused():
+    _, tok = load_model("tiny:llama")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(DataError, match="mem:1: the end-of-turn token"):
+        render_sft(examples(1)[0], tok)
+
+
+def test_global_batches_cover_each_epoch_once_and_resume_midway():
+    stream = global_batches(10, 4, seed=3)
+    first = [next(stream) for _ in range(5)]  # 20 examples = 2 epochs
+    flat = [i for b in first for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert list(next(global_batches(10, 4, seed=3, start_step=3))) == first[3]
+
+
+def _one_step(batch_size: int, grad_accum: int, method: str = "lora"):
+    model, _ = tiny(method)
+    data = tokenized(8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # adam_eps=1 makes the first update ~ lr * gradient (not lr * sign(gradient)), so the
+    # comparison tests the accumulated gradient rather than the sign of near-zero entries
+    train(model, data, [], quiet(batch_size=batch_size, grad_accum=grad_accum, max_steps=1,
+                                 seed=1, adam_eps=1.0, lr=1.0), _run_dir())
+    return before, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _run_dir():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix="tf-test-"))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_batch1_accum4_equals_batch4_accum1(method):
+    _, a = _one_step(4, 1, method)
+    _, b = _one_step(1, 4, method)
+    _, c = _one_step(2, 2, method)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], c[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("lora", {}), ("dora", {}), ("loha", {}), ("lokr", {}), ("ia3", {}), ("full", {}),
+    ("freeze", {"trainable_layers": 1}), ("freeze", {"trainable_layers": 1, "train_embeddings": True}),
+])
+def test_trainable_weights_change_and_frozen_ones_do_not(method, extra):
+    model, _ = tiny(method, **extra)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "something must train"
+    if method == "freeze":
+        assert all(".layers.1." in n or "norm.weight" == n.split("model.")[-1] or "lm_head" in n
+                   or (extra.get("train_embeddings") and "embed_tokens" in n) for n in trainable)
+        assert not any(".layers.0." in n for n in trainable)
+    train(model, tokenized(8), [], quiet(batch_size=4, max_steps=3), _run_dir())
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), start[name])
+        assert changed == (name in trainable), f"{name}: changed={changed}"
+
+
+def test_frozen_weights_get_no_gradient_or_optimizer_state():
+    from tuneforge.train.loop import make_optimizer
+
+    model, _ = tiny("lora")
+    opt = make_optimizer(model, quiet())
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        assert (id(p) in in_opt) == p.requires_grad == ("lora_" in n), n
+
+
+def test_training_lowers_the_loss():
+    model, _ = tiny("full")
+    data = tokenized(8)
+    result = train(model, data, data, quiet(batch_size=8, max_steps=30, lr=3e-3), _run_dir())
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_early_stopping_restores_the_best_checkpoint():
+    model, _ = tiny("full")
+    data = tokenized(8)
+    run = _run_dir()
+    # a huge learning rate makes validation loss blow up after the first evaluations
+    result = train(model, data, data[:4], quiet(batch_size=4, max_steps=40, lr=0.3, eval_every=2,
+                                                save_every=0, early_stopping_patience=2), run)
+    assert result.stopped_early and result.best_step is not None
+    evals = [r for r in result.history if "val_loss" in r]
+    assert evals[-1]["step"] == result.best_step + 4  # two evaluations of patience
+    from tuneforge.train.loop import Accelerator, evaluate_loss
+
+    restored = evaluate_loss(CausalLMLoss(model), data[:4], 4, Accelerator())
+    assert restored == pytest.approx(result.best_val_loss, rel=1e-5)
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert f"step-{result.best_step:06d}" in kept
+
+
+def test_keep_last_k_plus_best():
+    model, _ = tiny("lora")
+    run = _run_dir()
+    train(model, tokenized(8), [], quiet(batch_size=4, max_steps=7, save_every=1, keep_last=2), run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000006", "step-000007"]
+    assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
