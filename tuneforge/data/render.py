@@ -102,7 +102,7 @@ def _render_chat(example: Example, tokenizer, train_on_prompt: bool):
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
-    for t, (lo, hi) in enumerate(enc["offset_mapping"]):
+    for t, (lo, _hi) in enumerate(enc["offset_mapping"]):
         if train_on_prompt or any(s <= lo < e for s, e in spans):
             labels[t] = ids[t]
     _check_stop_token_trained(example, tokenizer, ids, labels, spans)

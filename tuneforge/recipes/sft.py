@@ -12,8 +12,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from accelerate import Accelerator
-
 from tuneforge.config import PEFT_METHODS, RunConfig, dump_config
 from tuneforge.data.example import Example
 from tuneforge.data.render import TokenizedExample, render_sft
@@ -21,13 +19,13 @@ from tuneforge.errors import DataError, TuneforgeError
 from tuneforge.models.adapters import prepare_model, trainable_summary
 from tuneforge.models.loading import load_model, load_tokenizer
 from tuneforge.train.checkpoint import atomic_write_text, latest_checkpoint
-from tuneforge.train.loop import TrainResult, train
+from tuneforge.train.loop import TrainResult, make_accelerator, train
 from tuneforge.train.plots import plot_loss
 
 
 def run_sft(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one SFT job described by ``config``; returns the summary also written to summary.json."""
-    acc = Accelerator()
+    acc = make_accelerator()
     run_dir = Path(config.output_dir)
     if acc.is_main_process:
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -50,6 +51,15 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def make_accelerator() -> Accelerator:
+    """An Accelerator for this machine and launcher.
+
+    Without a GPU, accelerate only joins processes started by torchrun / ``accelerate launch``
+    into one (gloo) group when told it is on the CPU, so say so; with a GPU, let it choose.
+    """
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def use_bf16(setting: str, device: torch.device) -> bool:
@@ -134,7 +144,7 @@ def train(
     accelerator: Accelerator | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; writes metrics.jsonl and checkpoints/ under ``run_dir``."""
-    acc = accelerator or Accelerator()
+    acc = accelerator or make_accelerator()
     world, rank = acc.num_processes, acc.process_index
     torch.manual_seed(cfg.seed + rank)
     steps = total_steps(len(train_set), cfg, world)
@@ -160,7 +170,8 @@ def train(
         start_step = saved["step"]
         if acc.is_main_process:
             _truncate_metrics(metrics_path, start_step)
-            print(f"tuneforge: resumed from {latest} (step {start_step}/{steps})", flush=True)
+            print(f"tuneforge: resumed from {latest} (step {start_step}/{steps})", file=sys.stderr,
+                  flush=True)
     elif acc.is_main_process and metrics_path.exists():
         metrics_path.unlink()
 
