@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from helpers import chat_records
 
 from tuneforge.config import AdapterConfig, TrainConfig
 from tuneforge.data.example import Example, Message
@@ -16,8 +15,6 @@ from tuneforge.losses.causal_lm import CausalLMLoss
 from tuneforge.models.adapters import prepare_model
 from tuneforge.models.loading import load_model
 from tuneforge.train.loop import global_batches, train
-
-from helpers import chat_records
 
 
 def examples(n: int = 8) -> list[Example]:
