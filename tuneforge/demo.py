@@ -55,45 +55,49 @@ def demo_config(data: Path, output_dir: str, epochs: float | None, max_steps: in
 
 def run_demo(output_dir: str = "runs/demo", *, epochs: float | None = None,
              max_steps: int | None = None, test_limit: int | None = None) -> dict:
-    from tuneforge.data.formats import load_examples
-    from tuneforge.models.runs import load_for_inference
     from tuneforge.recipes.sft import run_sft
 
     t0 = time.perf_counter()
     data = find_demo_data()
-    labels = json.loads((data / "labels.json").read_text())
     config = demo_config(data, output_dir, epochs, max_steps)
     say(f"1/3 fine-tuning {DEMO_MODEL} with LoRA on {data}/train.jsonl -> {config.output_dir}")
     summary = run_sft(config, overwrite=True)
     t_train = time.perf_counter() - t0
+    result = evaluate_demo(Path(config.output_dir), data, test_limit=test_limit)
+    result.update(train_summary=summary, seconds_train=round(t_train, 1),
+                  seconds_total=round(time.perf_counter() - t0, 1))
+    (Path(config.output_dir) / "demo.json").write_text(json.dumps(result, indent=2))
+    say("3/3 results")
+    print(render_table(result))
+    return result
 
+
+def evaluate_demo(run_dir: Path, data: Path, *, test_limit: int | None = None) -> dict:
+    """Score base and tuned model on the test tickets; one model in memory, adapter toggled."""
+    from tuneforge.data.formats import load_examples
+    from tuneforge.models.runs import load_for_inference
+
+    labels = json.loads((data / "labels.json").read_text())
     test = load_examples(data / "test.jsonl")[:test_limit]
-    prompts = [[m.__dict__ for m in ex.messages if m.role != "assistant"] for ex in test]
-    prompts = [[{"role": m["role"], "content": m["content"]} for m in p] for p in prompts]
+    prompts = [[{"role": m.role, "content": m.content} for m in ex.messages if m.role != "assistant"]
+               for ex in test]
     gold = [gold_label(ex) for ex in test]
-    model, tokenizer, _ = load_for_inference(config.output_dir)
+    model, tokenizer, _ = load_for_inference(str(run_dir))
     say(f"2/3 scoring base and tuned model on {len(test)} held-out test tickets")
+    t0 = time.perf_counter()
     with model.disable_adapter():
         base = score(model, tokenizer, prompts, gold, labels, "base")
         base_reply = _reply(model, tokenizer, prompts[0])
     tuned = score(model, tokenizer, prompts, gold, labels, "tuned")
     tuned_reply = _reply(model, tokenizer, prompts[0])
-    t_total = time.perf_counter() - t0
-
-    result = {
-        "run_dir": config.output_dir, "test_examples": len(test),
+    plot_per_label(base, tuned, run_dir / "demo_accuracy.png")
+    return {
+        "run_dir": str(run_dir), "test_examples": len(test),
         "base": base.to_dict(), "tuned": tuned.to_dict(),
-        "train_summary": summary, "seconds_train": round(t_train, 1),
-        "seconds_total": round(t_total, 1),
+        "seconds_eval": round(time.perf_counter() - t0, 1),
         "sample": {"ticket": prompts[0][-1]["content"], "gold": gold[0],
                    "base_reply": base_reply, "tuned_reply": tuned_reply},
     }
-    run_dir = Path(config.output_dir)
-    (run_dir / "demo.json").write_text(json.dumps(result, indent=2))
-    plot_per_label(base, tuned, run_dir / "demo_accuracy.png")
-    say("3/3 results")
-    print(render_table(result, base, tuned))
-    return result
 
 
 def gold_label(example) -> str:
@@ -121,13 +125,16 @@ def _reply(model, tokenizer, messages) -> str:
     return generate_reply(model, tokenizer, messages, max_new_tokens=60)
 
 
-def render_table(result: dict, base, tuned) -> str:
+def render_table(result: dict) -> str:
     s = result["train_summary"]
-    rows = [("test accuracy", f"{base.accuracy:.1%}", f"{tuned.accuracy:.1%}"),
-            ("test macro F1", f"{base.macro_f1:.3f}", f"{tuned.macro_f1:.3f}")]
-    for label, b in base.per_label().items():
-        t = tuned.per_label()[label]
+    base, tuned = result["base"], result["tuned"]
+    rows = [("test accuracy", f"{base['accuracy']:.1%}", f"{tuned['accuracy']:.1%}"),
+            ("test macro F1", f"{base['macro_f1']:.3f}", f"{tuned['macro_f1']:.3f}")]
+    for label, b in base["per_label"].items():
+        t = tuned["per_label"][label]
         rows.append((f"  recall {label}", f"{b['recall']:.0%}", f"{t['recall']:.0%}"))
+    chance = 1 / len(base["per_label"])
+    rows.append(("  (chance level)", f"{chance:.1%}", ""))
     width = max(len(r[0]) for r in rows) + 2
     lines = ["", f"{'':<{width}}{'base':>10}{'tuned':>10}"]
     lines += [f"{name:<{width}}{b:>10}{t:>10}" for name, b, t in rows]

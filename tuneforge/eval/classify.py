@@ -50,20 +50,39 @@ class ClassificationScores:
 
 
 @torch.no_grad()
-def label_log_probs(model, tokenizer, messages: list[dict], candidates: Sequence[str]) -> list[float]:
-    """Sum of log p(candidate tokens | conversation) for each candidate answer text."""
+def label_log_probs(model, tokenizer, messages: list[dict], candidates: Sequence[str],
+                    bf16: bool | None = None) -> list[float]:
+    """Sum of log p(candidate tokens | conversation) for each candidate answer text.
+
+    The prompt runs once; its KV cache is repeated for the candidates, which then run as one
+    right-padded batch (bf16 autocast where the hardware has it, unless ``bf16=False``).
+    Right padding needs no attention mask: under causal attention a real
+    token never sees the padding that follows it, and padded positions are not scored.
+    """
     prompt_ids = render_prompt(messages, tokenizer)
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
-    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    with _autocast(model, bf16):
+        out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
     cache, last_logits = out.past_key_values, out.logits[0, -1]
-    scores = []
-    for text in candidates:
-        ids = _continuation_ids(tokenizer, prompt_text, prompt_ids, text)
-        step = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
-        logits = torch.cat([last_logits[None], step.logits[0, :-1]]).float()
-        scores.append(float(torch.log_softmax(logits, -1).gather(1, torch.tensor(ids)[:, None]).sum()))
-        cache.crop(len(prompt_ids))  # back to the prompt alone for the next candidate
-    return scores
+    cands = [_continuation_ids(tokenizer, prompt_text, prompt_ids, text) for text in candidates]
+    width = max(len(c) for c in cands)
+    batch = torch.tensor([c + [c[-1]] * (width - len(c)) for c in cands])
+    cache.batch_repeat_interleave(len(cands))
+    positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(len(cands), -1)
+    with _autocast(model, bf16):
+        step = model(input_ids=batch, past_key_values=cache, position_ids=positions, use_cache=True)
+    logits = torch.cat([last_logits.expand(len(cands), 1, -1), step.logits[:, :-1]], dim=1)
+    logp = torch.log_softmax(logits.float(), -1).gather(2, batch[:, :, None])[..., 0]
+    return [float(logp[i, : len(c)].sum()) for i, c in enumerate(cands)]
+
+
+def _autocast(model, bf16: bool | None):
+    """bf16 matmuls where the hardware has them: scoring needs ranks, not the last digit."""
+    from tuneforge.train.loop import use_bf16
+
+    device = next(model.parameters()).device
+    enabled = use_bf16("auto", device) if bf16 is None else bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _continuation_ids(tokenizer, prompt_text: str, prompt_ids: list[int], text: str) -> list[int]:
@@ -75,11 +94,13 @@ def _continuation_ids(tokenizer, prompt_text: str, prompt_ids: list[int], text: 
 
 
 def classify(model, tokenizer, prompts: list[list[dict]], gold: list[str], labels: list[str],
-             *, prefix: str = "", suffix: str = "", progress=None) -> ClassificationScores:
+             *, prefix: str = "", suffix: str = "", progress=None,
+             bf16: bool | None = None) -> ClassificationScores:
     """Predict a label for each prompt by likelihood; ``progress`` is called after each one."""
     predicted = []
     for i, messages in enumerate(prompts):
-        scores = label_log_probs(model, tokenizer, messages, [prefix + lab + suffix for lab in labels])
+        scores = label_log_probs(model, tokenizer, messages,
+                                 [prefix + lab + suffix for lab in labels], bf16)
         predicted.append(labels[max(range(len(labels)), key=scores.__getitem__)])
         if progress:
             progress(i + 1)

@@ -88,6 +88,8 @@ def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
     report = check_data(Path(d.train), fmt=d.format, **others)
     if not report.ok:
         raise DataError("data check failed:\n" + report.render())
+    if report.warnings:
+        print("\n".join(f"warning: {w}" for w in report.warnings[:20]), file=sys.stderr)
     train_examples = _sft_only(load_examples(Path(d.train), d.format))
     if d.validation:
         return train_examples, _sft_only(load_examples(Path(d.validation), d.format))
