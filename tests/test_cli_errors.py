@@ -93,3 +93,14 @@ def test_chat_reads_turns_from_stdin():
 def test_generate_rejects_bad_sampling_settings():
     proc = tuneforge("generate", "tiny:llama", "--prompt", "x", "--temperature", "-1")
     assert proc.returncode == 2 and "--temperature" in proc.stderr
+
+
+def test_fsdp_without_gpus_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine FSDP is a valid choice
+    train = write_jsonl(tmp_path / "train.jsonl", chat_records(4))
+    proc = tuneforge("train", str(config(tmp_path, train)), "--set", "train.distributed=fsdp",
+                     "--set", f"output_dir={tmp_path / 'r'}")
+    assert proc.returncode == 2 and "fsdp needs GPUs" in proc.stderr

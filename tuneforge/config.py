@@ -116,6 +116,9 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     log_every: int = 1
     progress: bool = True
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes: ddp (a full replica each) or fsdp (weights, gradients and
+    optimizer state sharded per transformer layer; needs GPUs)."""
 
 
 @dataclass

@@ -25,12 +25,8 @@ from tuneforge.train.plots import plot_loss
 
 def run_sft(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one SFT job described by ``config``; returns the summary also written to summary.json."""
-    acc = make_accelerator()
     run_dir = Path(config.output_dir)
-    if acc.is_main_process:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    acc.wait_for_everyone()
-
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # before any slow work
     tokenizer = load_tokenizer(config.model.name)
     train_examples, val_examples = load_splits(config)
     train_set = tokenize_all(train_examples, tokenizer, config, "train")
@@ -41,6 +37,11 @@ def run_sft(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
     model = prepare_model(model, config.adapter, model_dropout=config.model.dropout,
                           seed=config.train.seed)
     params = trainable_summary(model)
+    acc = make_accelerator(config.train, model)
+    if acc.is_main_process and not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)  # empty, or --overwrite was given
+        run_dir.mkdir(parents=True)
+    acc.wait_for_everyone()
     if acc.is_main_process:
         dump_config(config, run_dir / "config.yaml")
         n_tok = sum(len(t) for t in train_set)
@@ -61,20 +62,16 @@ def run_sft(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
     return summary
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run's results unless told to."""
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run's results unless told to (changes nothing on disk)."""
     if resume:
         if latest_checkpoint(run_dir / "checkpoints") is None:
             raise TuneforgeError(f"--resume: {run_dir} has no checkpoint to resume from")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise TuneforgeError(
-                f"run folder {run_dir} already holds a run; pass --resume to continue it, "
-                "--overwrite to replace it, or set output_dir to a new folder"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise TuneforgeError(
+            f"run folder {run_dir} already holds a run; pass --resume to continue it, "
+            "--overwrite to replace it, or set output_dir to a new folder"
+        )
 
 
 def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:

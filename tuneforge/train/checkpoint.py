@@ -23,34 +23,64 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 STEP_PREFIX = "step-"
 
 
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> tensor for every parameter that trains (named_parameters dedups tied weights)."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    """Name -> full tensor of every trainable parameter (tied weights once).
+
+    Goes through torch.distributed.checkpoint's state-dict API, which gathers sharded (FSDP)
+    parameters and is a plain ``state_dict`` for unsharded models.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    full = get_model_state_dict(model, options=_FULL)  # empty on ranks other than 0
+    return {n: full[n].contiguous() for n in names if n in full}
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten an optimizer state dict into safetensors-compatible tensors plus JSON metadata."""
-    sd = optimizer.state_dict()
+def optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer state as safetensors-compatible tensors keyed ``param_name/key``, plus JSON.
+
+    Keyed by parameter name rather than position, so it survives re-sharding.
+    """
+    sd = get_optimizer_state_dict(model, _inner(optimizer), options=_FULL)
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
+    if not sd:  # with cpu_offload, only rank 0 receives the gathered state
+        return tensors, {}
+    for name, state in sd["state"].items():
         for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            if torch.is_tensor(value) and value.ndim > 0:
+                tensors[f"{name}/{key}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{idx}.{key}"] = value
+                scalars[f"{name}/{key}"] = value.item() if torch.is_tensor(value) else value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_state_from(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, key = flat.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+def load_optimizer(model, optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[str, dict] = {}
+    for flat, value in tensors.items():
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    for flat, value in meta["scalars"].items():
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = torch.tensor(value, dtype=torch.float32)
+    set_optimizer_state_dict(model, _inner(optimizer),
+                             {"state": state, "param_groups": meta["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -81,9 +111,11 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     save_file({"torch": torch.random.get_rng_state()}, tmp / f"rng-rank{rank}.safetensors")
+    # gathering sharded state is collective: every rank takes part, rank 0 writes
+    weights = trainable_state(model)
+    tensors, meta = optimizer_tensors(model, optimizer)
     if rank == 0:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        tensors, meta = optimizer_tensors(optimizer)
+        save_file(weights, tmp / "trainable.safetensors")
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(meta))
         py_state = random.getstate()
@@ -111,7 +143,7 @@ def load_checkpoint(
     load_trainable(folder, model)
     if optimizer is not None:
         meta = json.loads((folder / "optimizer.json").read_text())
-        optimizer.load_state_dict(optimizer_state_from(load_file(folder / "optimizer.safetensors"), meta))
+        load_optimizer(model, optimizer, load_file(folder / "optimizer.safetensors"), meta)
     state = json.loads((folder / "state.json").read_text())
     rng_file = folder / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():
@@ -124,14 +156,13 @@ def load_checkpoint(
 
 
 def load_trainable(folder: Path, model: torch.nn.Module) -> None:
+    """Copy a checkpoint's trainable weights into ``model`` (sharding-aware, strict on names)."""
     weights = load_file(folder / "trainable.safetensors")
-    params = dict(model.named_parameters())
+    params = {n for n, _ in model.named_parameters()}
     missing = [n for n in weights if n not in params]
     if missing:
         raise RuntimeError(f"{folder}: checkpoint has weights the model lacks: {missing[:3]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def list_checkpoints(root: Path) -> list[Path]:

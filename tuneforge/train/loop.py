@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from tuneforge.config import TrainConfig
 from tuneforge.data.packing import pack
 from tuneforge.data.render import TokenizedExample
+from tuneforge.errors import ConfigError
 from tuneforge.losses.causal_lm import CausalLMLoss
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.progress import Progress
@@ -53,13 +54,27 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def make_accelerator() -> Accelerator:
-    """An Accelerator for this machine and launcher.
+def make_accelerator(cfg: TrainConfig | None = None, model: torch.nn.Module | None = None) -> Accelerator:
+    """An Accelerator for this machine, launcher and ``train.distributed`` choice.
 
     Without a GPU, accelerate only joins processes started by torchrun / ``accelerate launch``
     into one (gloo) group when told it is on the CPU, so say so; with a GPU, let it choose.
+    FSDP shards each transformer layer (FSDP2); accelerate applies it on GPUs only.
     """
-    return Accelerator(cpu=not torch.cuda.is_available())
+    if cfg is None or cfg.distributed == "ddp":
+        return Accelerator(cpu=not torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        raise ConfigError("train.distributed=fsdp needs GPUs (accelerate shards only on GPUs); "
+                          "use train.distributed=ddp on the CPU")
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    layer_classes = sorted({type(m).__name__ for m in model.modules()
+                            if type(m).__name__.endswith("DecoderLayer")}) if model else None
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=layer_classes, state_dict_type="FULL_STATE_DICT",
+        reshard_after_forward=True)
+    return Accelerator(fsdp_plugin=plugin)
 
 
 def use_bf16(setting: str, device: torch.device) -> bool:
