@@ -201,3 +201,28 @@ def test_keep_last_k_plus_best():
     train(model, tokenized(8), [], quiet(batch_size=4, max_steps=7, save_every=1, keep_last=2), run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000006", "step-000007"]
     assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_per_example_packed_attention_matches_padded_loss_and_gradients(arch):
+    from tuneforge.models.attention import use_packed_attention
+
+    model, tok = load_model(f"tiny:{arch}")
+    data = [render_sft(e, tok) for e in examples(4)]
+    padded = pad(data, tok.pad_token_id)
+    loss = CausalLMLoss(model)
+    ref, _ = loss(padded["input_ids"], padded["targets"], attention_mask=padded["attention_mask"])
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert use_packed_attention(model)
+    packed = pack(data)
+    got, _ = loss(packed["input_ids"], packed["targets"], position_ids=packed["position_ids"],
+                  seq_lens=packed["seq_lens"])
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    # without seq_lens (generation, padded batches) it is plain SDPA with the usual mask
+    again, _ = loss(padded["input_ids"], padded["targets"], attention_mask=padded["attention_mask"])
+    torch.testing.assert_close(again, ref, rtol=1e-5, atol=1e-4)

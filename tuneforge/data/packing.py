@@ -17,8 +17,8 @@ def pack(examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
     """Pack examples into one row.
 
     Returns ``input_ids``, ``position_ids``, ``targets`` of shape ``[1, T]`` (``targets[t]`` is
-    the token to predict after position t, -100 where no loss is taken) and ``num_targets``,
-    the count of trained tokens (a 0-d tensor).
+    the token to predict after position t, -100 where no loss is taken), ``num_targets``,
+    the count of trained tokens (a 0-d tensor), and ``seq_lens``, the example lengths.
     """
     ids: list[int] = []
     positions: list[int] = []
@@ -34,6 +34,7 @@ def pack(examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "targets": targets_t,
         "num_targets": (targets_t != IGNORE_INDEX).sum(),
+        "seq_lens": [len(ex.input_ids) for ex in examples],
     }
 
 

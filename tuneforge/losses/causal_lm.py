@@ -55,13 +55,17 @@ class CausalLMLoss(nn.Module):
         targets: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        seq_lens: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``seq_lens`` (packed rows) lets the tuneforge_packed attention run per example."""
         base = self.base()
+        extra = {"packed_seq_lens": seq_lens} if seq_lens is not None else {}
         out = base.get_decoder()(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
             use_cache=False,
+            **extra,
         )
         nll = chunked_nll_sum(out.last_hidden_state, base.get_output_embeddings(), targets,
                               self.chunk_size)

@@ -33,6 +33,7 @@ from tuneforge.data.packing import pack
 from tuneforge.data.render import TokenizedExample
 from tuneforge.errors import ConfigError
 from tuneforge.losses.causal_lm import CausalLMLoss
+from tuneforge.models.attention import use_packed_attention
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.progress import Progress
 
@@ -166,6 +167,7 @@ def train(
     bf16 = use_bf16(cfg.bf16, acc.device)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    use_packed_attention(model)  # per-example attention inside packed rows
 
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
@@ -219,7 +221,8 @@ def train(
             sync = micro == cfg.grad_accum - 1
             with (nullcontext() if sync else acc.no_sync(wrapper)), autocast():
                 nll, _ = wrapper(packed["input_ids"].to(acc.device), packed["targets"].to(acc.device),
-                                 position_ids=packed["position_ids"].to(acc.device))
+                                 position_ids=packed["position_ids"].to(acc.device),
+                                 seq_lens=packed["seq_lens"])
             acc.backward(nll * (world / n_targets))
             nll_total += nll.detach()
         grad_norm = None
@@ -289,7 +292,8 @@ def evaluate_loss(wrapper, examples: list[TokenizedExample], batch_size: int, ac
         packed = pack(mine[lo : lo + batch_size])
         with autocast():
             s, n = wrapper(packed["input_ids"].to(acc.device), packed["targets"].to(acc.device),
-                           position_ids=packed["position_ids"].to(acc.device))
+                           position_ids=packed["position_ids"].to(acc.device),
+                           seq_lens=packed["seq_lens"])
         nll += s.float()
         count += n
     nll, count = acc.reduce(nll, "sum"), acc.reduce(count, "sum")
