@@ -23,7 +23,7 @@ ANSWER_PREFIX = "Department: "
 # too so that `tuneforge demo` works from an installed package.
 DEMO_CONFIG = {
     "model": {"name": DEMO_MODEL},
-    "adapter": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.05},
+    "adapter": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
     "data": {"max_length": 512},
     "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.05, "eval_every": 10,
               "save_every": 25, "weight_decay": 0.0},
