@@ -76,7 +76,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
 def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
     """Check the data files (structure, duplicates, leakage) and read train and validation."""
-    from tuneforge.data.formats import load_examples
+    from tuneforge.data.formats import format_problems, load_examples
     from tuneforge.data.validate import check_data
 
     d = config.data
@@ -84,7 +84,8 @@ def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
               "test": [Path(d.test)] if d.test else []}
     report = check_data(Path(d.train), fmt=d.format, **others)
     if not report.ok:
-        raise DataError("data check failed:\n" + report.render())
+        raise DataError(format_problems(report.errors, f"data check found {len(report.errors)} "
+                                        "error(s) (run `tuneforge data check` for the full report):"))
     if report.warnings:
         print("\n".join(f"warning: {w}" for w in report.warnings[:20]), file=sys.stderr)
     train_examples = _sft_only(load_examples(Path(d.train), d.format))
