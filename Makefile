@@ -28,3 +28,14 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# `make bench`: tuneforge against TRL, one run per benchmark, one combined table (bench/README.md).
+# Takes a while on a CPU; BENCH_ARGS="--steps 3 --warmup 1" for a quick smoke run.
+BENCH_STAMP := $(VENV)/.installed-bench
+.PHONY: bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)

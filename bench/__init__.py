@@ -1,0 +1,1 @@
+"""Benchmarks: tuneforge against other toolkits, one command each (see bench/README.md)."""
