@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                       help="fp32: exactly model.generate; bf16: ~3x faster on a bf16 CPU, "
+                            "greedy near-ties may flip")
         p.add_argument("--json", action="store_true", help="print JSON lines")
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
@@ -92,7 +95,7 @@ def _sampling(args) -> dict:
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise TuneforgeError("--max-new-tokens must be >= 1, --temperature >= 0, 0 < --top-p <= 1")
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "top_p": args.top_p, "seed": args.seed}
+            "top_p": args.top_p, "seed": args.seed, "precision": args.precision}
 
 
 def cmd_generate(args) -> int:
