@@ -29,9 +29,9 @@ from tuneforge.data.formats import (
     location,
     parse_examples,
 )
+from tuneforge.data.render import IGNORE_INDEX
 from tuneforge.errors import DataError
 
-IGNORE_INDEX = -100
 # Tokenizers without a known limit report a huge sentinel (1e30); below this it is real.
 _REAL_LIMIT = 1_000_000
 # Fraction of the measured matmul peak a training step reaches (attention, optimizer, data).
