@@ -85,22 +85,10 @@ def build_tiny(spec: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrained
         pad_token_id=tokenizer.pad_token_id,
         **TINY_DIMENSIONS,
     )
-    with _fork_rng(seed):
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
-
-class _fork_rng:
-    """Seed torch for a block without disturbing the caller's random state."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.random.set_rng_state(self.state)
