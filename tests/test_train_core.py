@@ -187,9 +187,11 @@ def test_early_stopping_restores_the_best_checkpoint():
     assert result.stopped_early and result.best_step is not None
     evals = [r for r in result.history if "val_loss" in r]
     assert evals[-1]["step"] == result.best_step + 4  # two evaluations of patience
-    from tuneforge.train.loop import Accelerator, evaluate_loss
+    from tuneforge.train.loop import Accelerator, evaluate
+    from tuneforge.train.objectives import CausalLMObjective
 
-    restored = evaluate_loss(CausalLMLoss(model), data[:4], 4, Accelerator())
+    objective = CausalLMObjective(model)
+    restored = evaluate(objective, objective.module, data[:4], 4, Accelerator())["loss"]
     assert restored == pytest.approx(result.best_val_loss, rel=1e-5)
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert f"step-{result.best_step:06d}" in kept

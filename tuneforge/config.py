@@ -116,6 +116,10 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without improvement; the best checkpoint is restored."""
     early_stopping_min_delta: float = 0.0
+    metric_for_best: str = "val_loss"
+    """The validation figure that picks the best checkpoint and drives early stopping, e.g.
+    val_loss, val_accuracy, val_macro_f1, val_reward_accuracy. Loss- and perplexity-like
+    names are minimised, everything else maximised."""
     log_every: int = 1
     progress: bool = True
     distributed: Literal["ddp", "fsdp"] = "ddp"
@@ -136,6 +140,12 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better (losses, perplexities, errors)."""
+    name = metric.lower()
+    return any(word in name for word in ("loss", "ppl", "perplexity", "error", "nll"))
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
@@ -196,6 +206,9 @@ def validate(config: RunConfig) -> list[str]:
     if t.early_stopping_patience and not (d.validation or d.validation_fraction):
         errors.append("train.early_stopping_patience: needs validation data (data.validation "
                       "or data.validation_fraction)")
+    if not t.metric_for_best.startswith("val_"):
+        errors.append(f"train.metric_for_best: must name a validation metric such as val_loss "
+                      f"or val_accuracy (got {t.metric_for_best!r})")
     if t.keep_last < 1:
         errors.append("train.keep_last: must be >= 1")
     if not d.train:

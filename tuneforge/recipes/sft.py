@@ -162,6 +162,8 @@ def make_summary(config: RunConfig, result: TrainResult, params: dict, n_train: 
         "steps": result.steps,
         "final_train_loss": result.final_loss,
         "best_val_loss": result.best_val_loss,
+        "metric_for_best": config.train.metric_for_best,
+        "best_metric": result.best_metric,
         "best_step": result.best_step,
         "stopped_early": result.stopped_early,
         "tokens": result.tokens,

@@ -28,21 +28,22 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from tuneforge.config import TrainConfig
-from tuneforge.data.packing import pack
-from tuneforge.data.render import TokenizedExample
+from tuneforge.config import TrainConfig, lower_is_better
 from tuneforge.errors import ConfigError
-from tuneforge.losses.causal_lm import CausalLMLoss
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.train import checkpoint as ckpt
+from tuneforge.train.objectives import CausalLMObjective, Objective
 from tuneforge.train.progress import Progress
+
+MetricsFn = Callable[[torch.nn.Module], dict[str, float]]
 
 
 @dataclass
 class TrainResult:
     steps: int
     final_loss: float | None
-    best_val_loss: float | None
+    best_metric: float | None
+    """The value of ``train.metric_for_best`` at ``best_step``."""
     best_step: int | None
     stopped_early: bool
     trained_tokens: int
@@ -53,6 +54,17 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def best_val_loss(self) -> float | None:
+        """Validation loss at the best step (whatever metric chose that step)."""
+        return self.val_at_best("val_loss")
+
+    def val_at_best(self, name: str) -> float | None:
+        for record in self.history:
+            if record.get("step") == self.best_step and name in record:
+                return record[name]
+        return None
 
 
 def make_accelerator(cfg: TrainConfig | None = None, model: torch.nn.Module | None = None) -> Accelerator:
@@ -151,15 +163,23 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 def train(
     model: torch.nn.Module,
-    train_set: list[TokenizedExample],
-    val_set: list[TokenizedExample],
+    train_set: list,
+    val_set: list,
     cfg: TrainConfig,
     run_dir: Path,
     *,
     resume: bool = False,
     accelerator: Accelerator | None = None,
+    objective: Objective | None = None,
+    metrics_fn: MetricsFn | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; writes metrics.jsonl and checkpoints/ under ``run_dir``."""
+    """Train ``model`` in place; writes metrics.jsonl and checkpoints/ under ``run_dir``.
+
+    ``objective`` turns micro-batches of ``train_set``/``val_set`` items into a loss (default:
+    next-token loss on tokenized examples). ``metrics_fn(model)``, if given, runs at each
+    validation and its results are logged as ``val_<name>``; ``cfg.metric_for_best`` picks
+    the validation figure that decides the best checkpoint and early stopping.
+    """
     acc = accelerator or make_accelerator()
     world, rank = acc.num_processes, acc.process_index
     torch.manual_seed(cfg.seed + rank)
@@ -168,15 +188,15 @@ def train(
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     use_packed_attention(model)  # per-example attention inside packed rows
+    objective = objective or CausalLMObjective(model)
 
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
-    wrapper = CausalLMLoss(model)
-    wrapper, optimizer = acc.prepare(wrapper, optimizer)
+    wrapper, optimizer = acc.prepare(objective.module, optimizer)
 
     ckpt_root = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"best_val_loss": None, "best_step": None, "bad_evals": 0, "tokens": 0,
+    state = {"best_metric": None, "best_step": None, "bad_evals": 0, "tokens": 0,
              "trained_tokens": 0, "seconds": 0.0}
     start_step = 0
     if resume and (latest := ckpt.latest_checkpoint(ckpt_root)) is not None:
@@ -197,6 +217,7 @@ def train(
     batches = global_batches(len(train_set), global_batch, cfg.seed, start_step)
     progress = Progress(steps, start_step, enabled=cfg.progress and acc.is_main_process)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    minimise = lower_is_better(cfg.metric_for_best)
     stopped_early = False
     last_loss = None
     step = start_step
@@ -212,19 +233,18 @@ def train(
         t0 = time.perf_counter()
         batch = [train_set[i] for i in next(batches)]
         # every rank sees the whole global batch's indices, so the normaliser needs no all-reduce
-        n_targets = sum(ex.num_targets for ex in batch) or 1
+        weight = objective.weight(batch) or 1
         wrapper.train()
-        nll_total = torch.zeros((), device=acc.device)
+        loss_total = torch.zeros((), device=acc.device)
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             lo = (micro * world + rank) * cfg.batch_size
-            packed = pack(batch[lo : lo + cfg.batch_size])
             sync = micro == cfg.grad_accum - 1
             with (nullcontext() if sync else acc.no_sync(wrapper)), autocast():
-                nll, _ = wrapper(packed["input_ids"].to(acc.device), packed["targets"].to(acc.device),
-                                 position_ids=packed["position_ids"].to(acc.device),
-                                 seq_lens=packed["seq_lens"])
-            acc.backward(nll * (world / n_targets))
-            nll_total += nll.detach()
+                loss, metrics = objective.loss(wrapper, batch[lo : lo + cfg.batch_size], acc.device)
+            acc.backward(loss * (world / weight))
+            loss_total += loss.detach().float()
+            _accumulate(sums, metrics)
         grad_norm = None
         if cfg.max_grad_norm:
             grad_norm = float(acc.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm))
@@ -232,31 +252,44 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        last_loss = float(acc.reduce(nll_total, "sum")) / n_targets
-        step_tokens = sum(len(ex) for ex in batch)
+        last_loss = float(acc.reduce(loss_total, "sum")) / weight
+        step_tokens = sum(objective.tokens(ex) for ex in batch)
         state["tokens"] += step_tokens
-        state["trained_tokens"] += n_targets
+        state["trained_tokens"] += weight
         elapsed = time.perf_counter() - t0
         state["seconds"] = time.perf_counter() - t_start
         record = {"step": step, "epoch": round(step * global_batch / len(train_set), 4),
                   "loss": last_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "tokens": step_tokens, "trained_tokens": n_targets,
+                  "tokens": step_tokens, "trained_tokens": weight,
                   "tokens_per_s": step_tokens / elapsed, "elapsed_s": state["seconds"]}
+        record.update(_means(sums, weight, acc))
         if step % cfg.log_every == 0 or step == steps:
             log(record)
         progress.update(step, last_loss, record["tokens_per_s"])
 
         improved = False
         if val_set and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
-            val_loss = evaluate_loss(wrapper, val_set, cfg.batch_size, acc, autocast)
-            best = state["best_val_loss"]
-            improved = best is None or val_loss < best - cfg.early_stopping_min_delta
+            val = {f"val_{k}": v for k, v in
+                   evaluate(objective, wrapper, val_set, cfg.batch_size, acc, autocast).items()}
+            if "val_loss" in val:
+                val["val_ppl"] = math.exp(min(val["val_loss"], 50))
+            if metrics_fn is not None:
+                val.update({f"val_{k}": float(v) for k, v in
+                            metrics_fn(acc.unwrap_model(wrapper).model).items()})
+                wrapper.train()
+            if cfg.metric_for_best not in val:
+                raise ConfigError(f"train.metric_for_best={cfg.metric_for_best!r} is not among "
+                                  f"the validation metrics: {', '.join(sorted(val))}")
+            value, best = val[cfg.metric_for_best], state["best_metric"]
+            delta = cfg.early_stopping_min_delta
+            improved = best is None or (value < best - delta if minimise else value > best + delta)
             if improved:
-                state.update(best_val_loss=val_loss, best_step=step, bad_evals=0)
+                state.update(best_metric=value, best_step=step, bad_evals=0)
             else:
                 state["bad_evals"] += 1
-            log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-            progress.note(f"step {step}: val_loss {val_loss:.4f}" + (" (best)" if improved else ""))
+            log({"step": step, **val})
+            progress.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                          + (" (best)" if improved else ""))
             patience = cfg.early_stopping_patience
             stopped_early = bool(patience and state["bad_evals"] >= patience and step < steps)
 
@@ -264,8 +297,8 @@ def train(
         if periodic or improved or step == steps or stopped_early:
             _save(acc, wrapper, optimizer, scheduler, state, ckpt_root, step, cfg.keep_last)
         if stopped_early:
-            progress.note(f"early stopping at step {step}: no improvement in "
-                          f"{cfg.early_stopping_patience} evaluations")
+            progress.note(f"early stopping at step {step}: no improvement of "
+                          f"{cfg.metric_for_best} in {cfg.early_stopping_patience} evaluations")
             break
     progress.close()
 
@@ -274,31 +307,44 @@ def train(
         best_dir = ckpt_root / f"{ckpt.STEP_PREFIX}{state['best_step']:06d}"
         ckpt.load_trainable(best_dir, acc.unwrap_model(wrapper).model)
     acc.wait_for_everyone()
-    return TrainResult(steps=step, final_loss=last_loss,
-                       best_val_loss=state["best_val_loss"], best_step=state["best_step"],
-                       stopped_early=stopped_early, trained_tokens=state["trained_tokens"],
-                       tokens=state["tokens"], seconds=state["seconds"], history=history)
+    return TrainResult(steps=step, final_loss=last_loss, best_metric=state["best_metric"],
+                       best_step=state["best_step"], stopped_early=stopped_early,
+                       trained_tokens=state["trained_tokens"], tokens=state["tokens"],
+                       seconds=state["seconds"], history=history)
+
+
+def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+    for k, v in metrics.items():
+        v = v.detach().float()
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def _means(sums: dict[str, torch.Tensor], weight: float, acc: Accelerator) -> dict[str, float]:
+    """Metric sums of this process's share -> means over the global batch's weight."""
+    return {k: float(acc.reduce(v, "sum")) / weight for k, v in sorted(sums.items())}
 
 
 @torch.no_grad()
-def evaluate_loss(wrapper, examples: list[TokenizedExample], batch_size: int, acc: Accelerator,
-                  autocast=nullcontext) -> float:
-    """Mean token loss over ``examples`` (sharded over processes, summed, then divided)."""
+def evaluate(objective: Objective, wrapper, examples: list, batch_size: int, acc: Accelerator,
+             autocast=nullcontext) -> dict[str, float]:
+    """Mean loss and metrics over ``examples`` (sharded over processes, summed, then divided)."""
     wrapper.eval()
-    nll = torch.zeros((), device=acc.device)
-    count = torch.zeros((), device=acc.device)
+    loss = torch.zeros((), device=acc.device)
+    sums: dict[str, torch.Tensor] = {}
     mine = examples[acc.process_index :: acc.num_processes]
     for lo in range(0, len(mine), batch_size):
-        packed = pack(mine[lo : lo + batch_size])
         with autocast():
-            s, n = wrapper(packed["input_ids"].to(acc.device), packed["targets"].to(acc.device),
-                           position_ids=packed["position_ids"].to(acc.device),
-                           seq_lens=packed["seq_lens"])
-        nll += s.float()
-        count += n
-    nll, count = acc.reduce(nll, "sum"), acc.reduce(count, "sum")
+            s, metrics = objective.loss(wrapper, mine[lo : lo + batch_size], acc.device)
+        loss += s.float()
+        _accumulate(sums, metrics)
+    weight = acc.reduce(torch.tensor(float(objective.weight(mine)), device=acc.device), "sum")
+    weight = float(weight.clamp(min=1))
+    # every process must take part in each reduce, even one whose shard was empty
+    keys = sorted(set(objective.metric_keys) | set(sums))
+    out = {"loss": float(acc.reduce(loss, "sum")) / weight}
+    out.update(_means({k: sums.get(k, torch.zeros((), device=acc.device)) for k in keys}, weight, acc))
     wrapper.train()
-    return float(nll / count.clamp(min=1))
+    return out
 
 
 def _save(acc, wrapper, optimizer, scheduler, state, root, step, keep_last) -> None:
