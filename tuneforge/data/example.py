@@ -1,9 +1,9 @@
 """The normalised record every data format is read into.
 
 Whatever the file looked like (prompt/completion, chat messages, alpaca, classification,
-preference pairs, rankings), the rest of tuneforge sees :class:`Example`. ``source`` and
-``line`` stay attached so any later problem (too long after templating, say) can still be
-reported as ``file:line``.
+preference pairs, rankings, ratings, unpaired thumbs up/down), the rest of tuneforge sees
+:class:`Example`. ``source`` and ``line`` stay attached so any later problem (too long after
+templating, say) can still be reported as ``file:line``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ class Example:
     Supervised examples use either ``messages`` (rendered with the tokenizer's chat template)
     or ``prompt`` + ``completion`` (raw text, concatenated as is: the classic separator style).
     Preference pairs and rankings use ``prompt_messages`` plus ``responses`` (each response
-    is the list of assistant messages that follows the prompt), best first.
+    is the list of assistant messages that follows the prompt), best first. A rating is one
+    response with its rating in ``scores`` (``[4.0]``); an unpaired example (KTO) is one
+    response with ``desirable`` True (thumbs up) or False.
     """
 
     source: str
@@ -40,11 +42,15 @@ class Example:
     prompt_messages: list[Message] | None = None
     responses: list[list[Message]] | None = None
     scores: list[float] | None = None
+    desirable: bool | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
-        """``"sft"``, ``"preference"`` (two responses) or ``"ranking"`` (two or more, ranked)."""
+        """``"sft"``, ``"preference"`` (two responses), ``"ranking"`` (two or more, ranked),
+        ``"rating"`` (one response, rated) or ``"unpaired"`` (one response, thumbs up/down)."""
+        if self.format in ("rating", "unpaired"):
+            return self.format
         if self.responses is not None:
             return "preference" if self.format == "preference" else "ranking"
         return "sft"

@@ -33,6 +33,8 @@ FORMATS: tuple[str, ...] = (
     "classification",
     "preference",
     "ranking",
+    "rating",
+    "unpaired",
 )
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 MAX_LISTED = 50
@@ -46,11 +48,12 @@ _PARQUET_SUFFIXES = (".parquet", ".pq")
 _JSON_KEYS = frozenset(
     {"messages", "responses", "scores", "preferred_output", "non_preferred_output"}
 )
-_MAYBE_JSON_KEYS = frozenset({"prompt", "completion", "chosen", "rejected", "input"})
+_MAYBE_JSON_KEYS = frozenset({"prompt", "completion", "chosen", "rejected", "input", "response"})
 
 _KEYS_HINT = (
     "prompt+completion, messages, instruction+output, text+label, prompt+chosen+rejected, "
-    "input+preferred_output+non_preferred_output, or prompt+responses"
+    "input+preferred_output+non_preferred_output, prompt+responses, prompt+response+rating, "
+    "or prompt+completion+label (true/false)"
 )
 
 
@@ -125,6 +128,10 @@ def detect_format(record: dict) -> str | None:
         return "preference"
     if "responses" in keys:
         return "ranking"
+    if "rating" in keys:
+        return "rating"
+    if "label" in keys and keys & {"prompt", "completion"} and "text" not in keys:
+        return "unpaired"  # TRL's unpaired preference; text+label stays classification
     if keys & {"instruction", "output"}:
         return "alpaca"
     if "label" in keys:
@@ -720,15 +727,73 @@ def _scores(record: dict, count: int, ctx: _Context) -> list[float] | None:
     if len(values) != count:
         ctx.error("scores", f"expected {count} scores (one per response), got {len(values)}")
         return None
-    for i, value in enumerate(values):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
-            ctx.error(f"scores[{i}]", f"expected a finite number, got {json.dumps(value)}")
-            return None
-    return [float(v) for v in values]
+    scores = [_finite(value, f"scores[{i}]", ctx) for i, value in enumerate(values)]
+    return None if None in scores else scores  # type: ignore[return-value]
+
+
+def _finite(value: Any, field: str, ctx: _Context) -> float | None:
+    """A finite number (booleans are not numbers here, although Python says they are)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        ctx.error(field, f"expected a finite number, got {json.dumps(value)}")
+        return None
+    return float(value)
+
+
+def _from_text_cells(ctx: _Context) -> bool:
+    """CSV/TSV cells are all text, so there ``4`` and ``true`` arrive as strings."""
+    return Path(ctx.source).suffix.lower() in _CSV_DELIMITERS
+
+
+def _rating(record: dict, ctx: _Context) -> Example | None:
+    """``prompt`` + ``response`` + ``rating``: one response scored on any numeric scale
+    (higher is better), e.g. 1-5 stars. Read as one response with ``scores=[rating]``."""
+    prompt = _prompt(record, "prompt", ctx)
+    response = _response_key(record, "response", ctx)
+    rating = None
+    if _required(record, "rating", ctx):
+        value = record["rating"]
+        if isinstance(value, str) and _from_text_cells(ctx):
+            try:
+                value = float(value)
+            except ValueError:
+                pass  # reported below as the string it is
+        rating = _finite(value, "rating", ctx)
+    if ctx.failed:
+        return None
+    return ctx.example(
+        "rating",
+        record,
+        {"prompt", "response", "rating"},
+        prompt_messages=prompt,
+        responses=[response],
+        scores=[rating],
+    )
+
+
+def _unpaired(record: dict, ctx: _Context) -> Example | None:
+    """TRL's unpaired preference (KTO): ``prompt`` + ``completion`` + ``label``, a boolean
+    (true: a desirable completion, thumbs up; false: undesirable)."""
+    prompt = _prompt(record, "prompt", ctx)
+    completion = _response_key(record, "completion", ctx)
+    label = None
+    if _required(record, "label", ctx):
+        value = record["label"]
+        if isinstance(value, str) and _from_text_cells(ctx):
+            value = {"true": True, "false": False}.get(value.strip().lower(), value)
+        if isinstance(value, bool):
+            label = value
+        else:
+            ctx.error("label", f"expected true or false, got {json.dumps(value)}")
+    if ctx.failed:
+        return None
+    return ctx.example(
+        "unpaired",
+        record,
+        {"prompt", "completion", "label"},
+        prompt_messages=prompt,
+        responses=[completion],
+        desirable=label,
+    )
 
 
 _NORMALISERS: dict[str, Callable[[dict, _Context], Example | None]] = {
@@ -738,4 +803,6 @@ _NORMALISERS: dict[str, Callable[[dict, _Context], Example | None]] = {
     "classification": _classification,
     "preference": _preference,
     "ranking": _ranking,
+    "rating": _rating,
+    "unpaired": _unpaired,
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -150,7 +150,7 @@ def _file_stats(
     split: str, path: str, examples: list[Example], problems: list[Problem]
 ) -> dict[str, Any]:
     formats = sorted({ex.format for ex in examples})
-    return {
+    stats = {
         "split": split,
         "path": path,
         "format": formats[0] if len(formats) == 1 else None,
@@ -158,6 +158,21 @@ def _file_stats(
         "errors": sum(p.severity == "error" for p in problems),
         "warnings": sum(p.severity == "warning" for p in problems),
     }
+    return stats | _feedback_stats(examples)
+
+
+def _feedback_stats(examples: list[Example]) -> dict[str, Any]:
+    """How ratings spread and how thumbs up/down balance: a skewed set trains a skewed model."""
+    ratings = [ex.scores[0] for ex in examples if ex.kind == "rating" and ex.scores]
+    labels = [ex.desirable for ex in examples if ex.kind == "unpaired"]
+    stats: dict[str, Any] = {}
+    if ratings:
+        counts = Counter(ratings)
+        stats["ratings"] = {f"{value:g}": counts[value] for value in sorted(counts)}
+        stats["rating_mean"] = round(sum(ratings) / len(ratings), 2)
+    if labels:
+        stats["labels"] = {"desirable": labels.count(True), "undesirable": labels.count(False)}
+    return stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,11 +242,19 @@ def _length_limit(
     return min(known) if known else (None, "")
 
 
+# What each response is called in a message, by format (rankings: responses[i]).
+_RESPONSE_NAMES = {
+    "preference": ["chosen", "rejected"],
+    "rating": ["response"],
+    "unpaired": ["completion"],
+}
+
+
 def _sequences(example: Example) -> list[tuple[str, Example]]:
     """What training tokenises: the example, or the prompt with each response in turn."""
     if example.responses is None:
         return [("messages" if example.messages is not None else "completion", example)]
-    names = ["chosen", "rejected"] if example.format == "preference" else []
+    names = _RESPONSE_NAMES.get(example.format, [])
     out = []
     for i, response in enumerate(example.responses):
         name = names[i] if i < len(names) else f"responses[{i}]"
@@ -385,6 +408,7 @@ def _render_stats(stats: dict[str, Any]) -> str:
     for f in stats.get("files", []):
         fmt = f["format"] or "-"
         lines.append(f"  {f['split']:<11}{f['examples']:>9}  {fmt:<18}{f['path']}")
+    lines += _render_feedback(stats.get("files", []))
     tokens = stats.get("tokens")
     if tokens is None:
         lines += ["", "Tokens: not counted (no tokenizer; pass --model to count them)."]
@@ -393,6 +417,18 @@ def _render_stats(stats: dict[str, Any]) -> str:
     if "estimate" in stats:
         lines += ["", *_render_estimate(stats["estimate"])]
     return "\n".join(lines)
+
+
+def _render_feedback(files: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for f in files:
+        if "ratings" in f:
+            spread = ", ".join(f"{value}: {n}" for value, n in f["ratings"].items())
+            lines.append(f"  {f['split']} ratings: {spread} (mean {f['rating_mean']})")
+        if "labels" in f:
+            up, down = f["labels"]["desirable"], f["labels"]["undesirable"]
+            lines.append(f"  {f['split']} labels: {up} desirable, {down} undesirable")
+    return lines
 
 
 def _render_tokens(tokens: dict[str, Any]) -> list[str]:
