@@ -22,3 +22,13 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def preference_records(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs with a learnable preference: the colour answer over a refusal."""
+    out = []
+    for r in chat_records(n, seed):
+        user, answer = r["messages"]
+        out.append({"prompt": [user], "chosen": [answer],
+                    "rejected": [{"role": "assistant", "content": "I cannot say."}]})
+    return out

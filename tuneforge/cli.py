@@ -82,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from tuneforge.config import load_config
-    from tuneforge.recipes.sft import run_sft
+    from tuneforge.recipes import run_recipe
 
     config = load_config(args.config, args.overrides)
-    summary = run_sft(config, resume=args.resume, overwrite=args.overwrite)
+    summary = run_recipe(config, resume=args.resume, overwrite=args.overwrite)
     if summary:
         print(json.dumps(summary, indent=2))
     return 0

@@ -128,15 +128,38 @@ class TrainConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """recipe=dpo: which preference loss, and its strength."""
+
+    loss: str = "dpo"
+    """A key of tuneforge.losses.preference.PREFERENCE_LOSSES (dpo, ipo, simpo, orpo, ...)."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward (how far the policy may move from the
+    reference)."""
+    options: dict = field(default_factory=dict)
+    """Further keyword arguments of the loss, e.g. {label_smoothing: 0.1} for dpo, {gamma: 0.5}
+    for simpo."""
+    reference: Literal["auto", "precompute", "cached", "online"] = "auto"
+    """How reference log-probs are obtained. precompute: one pass over the data before training
+    (needed for full fine-tuning, which has no frozen copy). cached: computed with the adapters
+    switched off the first time a pair is seen, then reused. online: every step (no memory
+    held). auto: cached for adapters, precompute otherwise."""
+
+
+RECIPES = ("sft", "dpo")
+
+
+@dataclass
 class RunConfig:
     """A whole run: model, adapter, data, training, and where results go."""
 
-    recipe: Literal["sft"] = "sft"
+    recipe: Literal["sft", "dpo"] = "sft"
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,6 +236,30 @@ def validate(config: RunConfig) -> list[str]:
         errors.append("train.keep_last: must be >= 1")
     if not d.train:
         errors.append("data.train: required (path to the training file)")
+    if config.recipe == "dpo":
+        errors += _validate_preference(config.preference, a.method)
+    return errors
+
+
+def _validate_preference(pref: PreferenceConfig, method: str) -> list[str]:
+    import inspect
+
+    from tuneforge.losses.preference import PREFERENCE_LOSSES
+
+    if pref.loss not in PREFERENCE_LOSSES:
+        return [f"preference.loss: unknown loss {pref.loss!r}; known: {', '.join(PREFERENCE_LOSSES)}"]
+    errors = []
+    if pref.beta <= 0:
+        errors.append(f"preference.beta: must be > 0 (got {pref.beta})")
+    params = inspect.signature(PREFERENCE_LOSSES[pref.loss].fn).parameters
+    known = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "beta"]
+    for key in pref.options:
+        if key not in known:
+            errors.append(f"preference.options.{key}: not an option of the {pref.loss} loss "
+                          f"(its options: {', '.join(known) or 'none'})")
+    if pref.reference in ("cached", "online") and method not in PEFT_METHODS:
+        errors.append(f"preference.reference={pref.reference} needs an adapter (the reference is "
+                      f"the model with adapters off); with adapter.method={method} use precompute")
     return errors
 
 

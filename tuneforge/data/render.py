@@ -150,3 +150,16 @@ def render_prompt(messages: list[Message] | list[dict], tokenizer) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "\n".join(m["content"] for m in as_dicts)
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def render_response(example: Example, index: int, tokenizer,
+                    max_length: int | None = None) -> TokenizedExample:
+    """The prompt of a preference/ranking example followed by its ``index``-th response.
+
+    Only the response is trained (scored): assistant turns inside the prompt get weight 0.
+    """
+    prompt = [Message(m.role, m.content, 0.0 if m.role == "assistant" else m.weight)
+              for m in example.prompt_messages or []]
+    messages = prompt + list(example.responses[index])
+    as_chat = Example(example.source, example.line, "chat", messages=messages)
+    return render_sft(as_chat, tokenizer, max_length)

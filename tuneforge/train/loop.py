@@ -195,6 +195,8 @@ def train(
     wrapper, optimizer = acc.prepare(objective.module, optimizer)
 
     ckpt_root = run_dir / "checkpoints"
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     state = {"best_metric": None, "best_step": None, "bad_evals": 0, "tokens": 0,
              "trained_tokens": 0, "seconds": 0.0}
