@@ -12,8 +12,16 @@ import pytest
 
 from tuneforge.data.cli import register
 from tuneforge.data.example import Message
-from tuneforge.data.formats import FORMATS, Problem, detect_format, load_examples, parse_examples
+from tuneforge.data.formats import (
+    FORMATS,
+    Problem,
+    detect_format,
+    load_examples,
+    load_prompts,
+    parse_examples,
+)
 from tuneforge.data.validate import check_data
+from tuneforge.errors import DataError
 
 
 def write_jsonl(path: Path, *records: dict | str) -> Path:
@@ -176,3 +184,48 @@ def test_data_check_command_accepts_the_new_format_names(
     assert args.func(args) == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert stats["files"][0]["labels"] == {"desirable": 1, "undesirable": 0}
+
+
+# --- prompt files (feedback collection, PPO/GRPO) ----------------------------------------------
+
+
+def test_load_prompts_text_messages_and_columns(tmp_path: Path) -> None:
+    chat = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"},
+    ]
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        {"prompt": "2 + 3?", "answer": 5},
+        {"prompt": chat[:2]},
+        {"messages": chat},
+    )
+    text, conversational, from_chat = load_prompts(path)
+    assert (text.kind, text.prompt_messages, text.extra) == (
+        "prompt",
+        [Message("user", "2 + 3?")],
+        {"answer": 5},
+    )
+    assert [m.content for m in conversational.prompt_messages] == ["s", "u1"]
+    assert [m.content for m in from_chat.prompt_messages] == ["s", "u1", "a1", "u2"]
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "message"),
+    [
+        ({"question": "q"}, "prompt", "missing required key"),
+        ({"prompt": ""}, "prompt", "empty content"),
+        ({"prompt": [{"role": "assistant", "content": "x"}]}, "prompt[0].role", "expected role"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages", "no user message"),
+    ],
+)
+def test_load_prompts_errors_name_the_line(
+    tmp_path: Path, record: dict, field: str, message: str
+) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", {"prompt": "fine"}, record)
+    with pytest.raises(DataError) as info:
+        load_prompts(path)
+    assert f"{path}:2: {field}: " in str(info.value) and message in str(info.value)

@@ -48,8 +48,9 @@ class Example:
     @property
     def kind(self) -> str:
         """``"sft"``, ``"preference"`` (two responses), ``"ranking"`` (two or more, ranked),
-        ``"rating"`` (one response, rated) or ``"unpaired"`` (one response, thumbs up/down)."""
-        if self.format in ("rating", "unpaired"):
+        ``"rating"`` (one response, rated), ``"unpaired"`` (one response, thumbs up/down) or
+        ``"prompt"`` (a prompt alone, from :func:`~tuneforge.data.formats.load_prompts`)."""
+        if self.format in ("rating", "unpaired", "prompt"):
             return self.format
         if self.responses is not None:
             return "preference" if self.format == "preference" else "ranking"

@@ -314,11 +314,56 @@ def parse_examples(path: str | Path, fmt: str | None = None) -> tuple[list[Examp
 def load_examples(path: str | Path, fmt: str | None = None) -> list[Example]:
     """Every example of a file; raises one DataError listing every error if there are any."""
     examples, problems = parse_examples(path, fmt)
+    _raise_errors(path, problems)
+    return examples
+
+
+def _raise_errors(path: str | Path, problems: list[Problem]) -> None:
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         noun = "problem" if len(errors) == 1 else "problems"
         raise DataError(format_problems(errors, f"{path}: {len(errors)} {noun} in the data:"))
+
+
+def load_prompts(path: str | Path) -> list[Example]:
+    """Prompts alone, for generating from (feedback collection, PPO/GRPO rollouts).
+
+    Each record gives ``prompt`` (text, or messages ending with a user turn) or ``messages``
+    (its turns up to the last user turn are the prompt, so a chat data set works as is). The
+    record's other keys stay in ``extra``: the columns a reward function reads, such as the
+    ``answer`` of an arithmetic problem. Examples have ``format == "prompt"`` and only
+    ``prompt_messages``. Raises one DataError listing every problem.
+    """
+    source = str(path)
+    rows = read_records(path)
+    problems = [] if rows else [Problem(source, None, "", "no records: the file is empty")]
+    examples = []
+    for line, record in rows:
+        if isinstance(record, Exception):
+            problems.append(_read_problem(source, line, record))
+            continue
+        example = _prompt_only(record, _Context(source, line, problems))
+        if example is not None:
+            examples.append(example)
+    _raise_errors(path, problems)
     return examples
+
+
+def _prompt_only(record: dict, ctx: _Context) -> Example | None:
+    if "prompt" in record or "messages" not in record:
+        prompt = _prompt(record, "prompt", ctx)
+        return ctx.example("prompt", record, {"prompt"}, prompt_messages=prompt) if prompt else None
+    messages = _messages_key(record, "messages", ctx)
+    if messages is None:
+        return None
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if not users:
+        ctx.error("messages", "no user message to answer")
+        return None
+    prompt = messages[: users[-1] + 1]
+    if not _check_roles(prompt, _fields("messages", prompt), ctx, last="user"):
+        return None
+    return ctx.example("prompt", record, {"messages"}, prompt_messages=prompt)
 
 
 def _check_format_name(fmt: str | None) -> None:
