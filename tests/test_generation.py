@@ -285,3 +285,39 @@ def test_lora_on_a_packed_base_runs_unmerged_and_follows_disable_adapter():
         assert plain is not fast
         assert not any(m.lora for m in plain.modules() if isinstance(m, _InferenceLinear))
     assert _inference_model(model, "bf16")[0] is not plain
+
+
+def test_rows_with_their_own_settings_match_each_row_alone(tiny):
+    """A server batch mixes greedy and sampled rows with their own limits and seeds: each row
+    gives what it gives alone."""
+    from tuneforge.generation import RowSettings, generate_rows
+
+    model, tok = tiny
+    prompts = [render_prompt(c, tok) for c in CONVERSATIONS]
+    settings = [RowSettings(max_new_tokens=5 + 3 * i, temperature=0.9 * (i % 2), top_p=0.8,
+                            seed=11 * i) for i in range(len(prompts))]
+    kw = {"stop_token_ids": [tok.eos_token_id], "pad_id": tok.pad_token_id}
+    together = generate_rows(model.eval(), prompts, settings, **kw)
+    alone = [generate_rows(model, [p], [s], **kw)[0] for p, s in zip(prompts, settings)]
+    assert together == alone
+    assert [len(ids) for ids, _ in together] == [s.max_new_tokens for s in settings]
+    assert together[0][0] == reference(model, tok, CONVERSATIONS[0], 5)  # greedy row
+
+
+def test_token_callback_finishes_a_row(tiny):
+    from tuneforge.generation import RowSettings, generate_rows
+
+    model, tok = tiny
+    prompts = [render_prompt(c, tok) for c in CONVERSATIONS[:3]]
+    seen: list[tuple[int, int]] = []
+
+    def on_token(row: int, token: int) -> bool:
+        seen.append((row, token))
+        return row == 1 and sum(r == 1 for r, _ in seen) == 3  # row 1 stops after 3 tokens
+
+    got = generate_rows(model.eval(), prompts, [RowSettings(max_new_tokens=8)] * 3,
+                        stop_token_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
+                        on_token=on_token)
+    assert [len(ids) for ids, _ in got] == [8, 3, 8]
+    assert [reason for _, reason in got] == ["length", "stop", "length"]
+    assert sorted(seen) == sorted((r, t) for r, (ids, _) in enumerate(got) for t in ids)

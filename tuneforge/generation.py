@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,27 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int = 0
     prompt_ids: list[int] = field(default_factory=list, repr=False)
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """How one prompt of a batch is decoded; rows of one batch may differ (a server batches
+    requests with their own settings).
+
+    ``temperature=0`` is greedy. A sampled row draws from its own random stream, seeded by
+    ``seed`` and ``stream`` alone, so its output does not depend on the rows beside it.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stream: int = 0
+
+
+# Called once per generated token of a row: (row index in the batch, token id). Returning True
+# finishes that row now with finish reason "stop" (a stop string matched, the client left).
+TokenCallback = Callable[[int, int], bool]
 
 
 def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 128,
@@ -150,10 +172,11 @@ def generate_batch(
         with torch.inference_mode(), _autocast(run_model, autocast):
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
+                settings = [RowSettings(max_new_tokens, temperature, top_p, seed, stream=i)
+                            for i in rows]
                 decoded = _generate_rows(
-                    run_model, [prompts[i] for i in rows], rows,
-                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    seed=seed, stop_ids=stop_token_ids, pad_id=pad_id, compile=compile,
+                    run_model, [prompts[i] for i in rows], settings,
+                    stop_ids=stop_token_ids, pad_id=pad_id, compile=compile,
                     cache=cache, always_mask=autocast or _dtype(run_model) != torch.float32,
                 )
                 for i, (ids, reason) in zip(rows, decoded):
@@ -171,17 +194,65 @@ def generate_batch(
     return results  # type: ignore[return-value]
 
 
+def inference_model(model, precision: str = "auto"):
+    """(model to run, whether to run it under bf16 autocast) for ``precision``: the model
+    itself for fp32, else its bf16 inference copy (see the module docstring).
+
+    A caller that keeps the copy may switch the adapters of ``model`` afterwards: a server
+    makes one copy per adapter and reuses each.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
+    return _inference_model(model, precision)
+
+
+def generate_rows(
+    run_model,
+    prompts: list[list[int]],
+    settings: list[RowSettings],
+    *,
+    stop_token_ids: list[int],
+    pad_id: int,
+    autocast: bool = False,
+    on_token: TokenCallback | None = None,
+) -> list[tuple[list[int], str]]:
+    """One batch of token-id prompts, each with its own :class:`RowSettings`, on a model from
+    :func:`inference_model` (in eval mode): [(new token ids, finish reason)] in input order.
+
+    The server's entry point: rows stop at ``stop_token_ids``, at their own ``max_new_tokens``,
+    or when ``on_token`` says so (finish reason ``"stop"``). Greedy rows give the same tokens
+    whatever else shares the batch (in fp32).
+    """
+    if not prompts:
+        return []
+    if len(settings) != len(prompts) or any(not p for p in prompts):
+        raise ValueError("need one RowSettings per prompt, and no empty prompt")
+    if min(s.max_new_tokens for s in settings) < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    with torch.inference_mode(), _autocast(run_model, autocast):
+        return _generate_rows(
+            run_model, prompts, settings, stop_ids=stop_token_ids, pad_id=pad_id,
+            compile=False, cache="preallocated", on_token=on_token,
+            always_mask=autocast or _dtype(run_model) != torch.float32,
+        )
+
+
 # ----------------------------------------------------------------------------- the decode loop
 
 
-def _generate_rows(model, prompts, row_ids, *, max_new_tokens, temperature, top_p, seed,
-                   stop_ids, pad_id, compile, cache, always_mask):
-    """Generate for one batch of prompts; [(new token ids, finish reason)] in input order."""
+def _generate_rows(model, prompts, settings, *, stop_ids, pad_id, compile, cache, always_mask,
+                   on_token=None):
+    """Generate for one batch of prompts; [(new token ids, finish reason)] in input order.
+
+    ``settings`` holds one :class:`RowSettings` per prompt; the batch runs until its longest
+    row is done. ``on_token`` (see :data:`TokenCallback`) sees every token as it is made.
+    """
     device = _device(model)
     batch = len(prompts)
     lengths = [len(p) for p in prompts]
     width = max(lengths)
-    capacity = width + max_new_tokens
+    max_steps = max(s.max_new_tokens for s in settings)
+    capacity = width + max_steps
     if compile:  # compiled graphs are per shape: round up so that later batches reuse them
         capacity = -(-capacity // _COMPILE_BUCKET) * _COMPILE_BUCKET
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
@@ -191,11 +262,7 @@ def _generate_rows(model, prompts, row_ids, *, max_new_tokens, temperature, top_
         mask[r, width - len(p) : width] = True
     padded = min(lengths) != width
     positions = (mask[:, :width].long().cumsum(-1) - 1).clamp(min=0)
-
-    generators = None
-    if temperature > 0:
-        generators = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
-                      for i in row_ids]
+    sampler = _Sampler(settings, device)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long, device=device)
 
     step = _Stepper(model, capacity, compile=compile, cache=cache,
@@ -208,18 +275,21 @@ def _generate_rows(model, prompts, row_ids, *, max_new_tokens, temperature, top_
     active = [True] * batch  # finished rows may stay in the batch until it is compacted
     next_pos = positions[:, -1:] + 1
     length = width
-    for t in range(max_new_tokens):
-        tokens = _pick(logits, temperature, top_p, generators, running)
+    for t in range(max_steps):
+        tokens = sampler.pick(logits, running)
         token_list = tokens.tolist()
         hit = torch.isin(tokens, stop).tolist()
         for j, row in enumerate(running):
-            if active[j]:
-                out[row].append(token_list[j])
-                if hit[j]:
-                    reasons[row] = "stop"
-                    active[j] = False
+            if not active[j]:
+                continue
+            out[row].append(token_list[j])
+            if hit[j] or (on_token is not None and on_token(row, token_list[j])):
+                reasons[row] = "stop"
+                active[j] = False
+            elif len(out[row]) >= settings[row].max_new_tokens:
+                active[j] = False
         n_active = sum(active)
-        if n_active == 0 or t == max_new_tokens - 1:
+        if n_active == 0 or t == max_steps - 1:
             break
         if n_active < len(running) and step.should_compact(len(running), n_active):
             keep = [j for j, a in enumerate(active) if a]
@@ -237,24 +307,45 @@ def _generate_rows(model, prompts, row_ids, *, max_new_tokens, temperature, top_
     return [(out[r], reasons[r]) for r in range(batch)]
 
 
-def _pick(logits, temperature, top_p, generators, running):
-    """Next token per row from the last position's logits (rows, vocab)."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-    probs = logits.softmax(-1)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; one stream per row.
-    noise = torch.empty_like(probs)
-    for j, row in enumerate(running):
-        noise[j].exponential_(generator=generators[row])
-    return (probs / noise).argmax(-1)
+class _Sampler:
+    """Next token per row from the last position's logits: greedy rows take the argmax,
+    sampled rows draw from their own random stream (:class:`RowSettings`)."""
+
+    def __init__(self, settings: list[RowSettings], device: torch.device):
+        self.temperature = torch.tensor([s.temperature for s in settings], device=device)
+        # Rows without a nucleus cut get an infinite threshold: nothing is cut, not even the
+        # tail whose cumulative sum rounds to 1.
+        self.top_p = torch.tensor([s.top_p if s.top_p < 1.0 else float("inf")
+                                   for s in settings], device=device)
+        self.generators = {
+            r: torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + s.stream)
+            for r, s in enumerate(settings) if s.temperature > 0
+        }
+
+    def pick(self, logits: torch.Tensor, running: list[int]) -> torch.Tensor:
+        """(rows,) token ids for ``logits`` (rows, vocab) of the ``running`` original rows."""
+        logits = logits.float()
+        tokens = logits.argmax(-1)
+        sampled = [j for j, row in enumerate(running) if row in self.generators]
+        if not sampled:
+            return tokens
+        rows = torch.tensor([running[j] for j in sampled], device=logits.device)
+        where = torch.tensor(sampled, device=logits.device)
+        chosen = logits.index_select(0, where) / self.temperature[rows, None]
+        top_p = self.top_p[rows, None]
+        if bool((top_p < 1.0).any()):
+            sorted_logits, sorted_idx = chosen.sort(-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+            sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+            chosen = torch.full_like(chosen, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+        probs = chosen.softmax(-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; one stream per row.
+        noise = torch.empty_like(probs)
+        for k, j in enumerate(sampled):
+            noise[k].exponential_(generator=self.generators[running[j]])
+        tokens[where] = (probs / noise).argmax(-1)
+        return tokens
 
 
 class _Stepper:
