@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
 
     from tuneforge.data.cli import register as register_data
+    from tuneforge.feedback.cli import register as register_feedback
 
     register_data(sub)
+    register_feedback(sub)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML run config (see configs/)")

@@ -1,0 +1,1 @@
+"""Collecting human feedback: a SQLite store, a terminal loop, exports to training data."""
