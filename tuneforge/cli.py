@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tuneforge.feedback.cli import register as register_feedback
 
     register_data(sub)
+
+    from tuneforge.eval.cli import register as register_eval
+
+    register_eval(sub)
     register_feedback(sub)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -79,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N tests")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="export a run: PEFT adapter, merged model, or GGUF")
+    p.add_argument("run", help="a run folder written by `tuneforge train`")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the adapter into the base weights (implied by --format gguf)")
+    p.add_argument("--format", default="safetensors", help="safetensors (default) or gguf")
+    p.add_argument("--dtype", help="safetensors: f32 (default), bf16, f16; "
+                                   "gguf: f16 (default), bf16, f32, q8_0")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -148,6 +163,17 @@ def cmd_demo(args) -> int:
 
     run_demo(args.output_dir, epochs=args.epochs, max_steps=args.max_steps,
              test_limit=args.test_limit)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tuneforge.export import export_run
+
+    manifest = export_run(args.run, args.out, merge=args.merge, fmt=args.format, dtype=args.dtype,
+                          overwrite=args.overwrite)
+    files = {name: info["bytes"] for name, info in manifest["files"].items()}
+    print(json.dumps({"out": args.out, "kind": manifest["kind"], "dtype": manifest["dtype"],
+                      "files": files}, indent=2))
     return 0
 
 
