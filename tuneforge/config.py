@@ -61,6 +61,54 @@ class AdapterConfig:
             self.target_modules = [self.target_modules]
 
 
+TASK_TYPES = ("auto", "classification", "generation", "lm")
+
+
+@dataclass
+class TemplateConfig:
+    """How a record's fields become the conversation that is trained on and prompted with.
+
+    Strings are Python format strings over the record's fields: ``{input}`` (the user's text:
+    a classification record's text, an alpaca instruction with its input, a chat's last user
+    turn, a raw prompt), ``{output}`` (the answer: the label, the alpaca output, the last
+    assistant turn, a raw completion), ``{text}`` and ``{label}`` for classification records,
+    and any extra key of the record. Unset parts keep the record as it is; the result is
+    rendered with the tokenizer's chat template, the same way in training and in evaluation.
+    """
+
+    system: str | None = None
+    """System message (replaces the record's own)."""
+    user: str | None = None
+    """The user turn, e.g. "Ticket: {text}" (single-turn records only)."""
+    assistant: str | None = None
+    """The answer, e.g. "Department: {label}" (single-turn records only)."""
+    prompt: str | None = None
+    """Raw prompt text without the chat template, e.g. "Ticket: {text}\nDepartment:" (with
+    completion: the record becomes prompt/completion text)."""
+    completion: str | None = None
+    """Raw completion text, e.g. " {label}"."""
+
+
+@dataclass
+class TaskConfig:
+    """One task of a multi-task run (data.tasks): its files, its kind, its share of training."""
+
+    name: str = ""
+    """Short name used in metric names (val_<name>_accuracy) and reports."""
+    train: str = ""
+    validation: str | None = None
+    test: str | None = None
+    format: str | None = None
+    type: Literal["auto", "classification", "generation", "lm"] = "auto"
+    """classification (label-scored), generation (generated text against references) or lm
+    (loss only); auto: classification for records with a label or when labels are given."""
+    labels: list[str] | str | None = None
+    """Allowed labels, or a file holding them (a JSON list, or one per line)."""
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    weight: float = 1.0
+    """Relative share of training examples (mixing=weights)."""
+
+
 @dataclass
 class DataConfig:
     """Where the examples come from and how they become tokens."""
@@ -80,6 +128,20 @@ class DataConfig:
     """What to do with longer examples: refuse the data, cut them, or drop them (reported)."""
     train_on_prompt: bool = False
     """Also take the loss on prompt tokens (default: completions only)."""
+    task: Literal["auto", "classification", "generation", "lm"] = "auto"
+    """The kind of task, as data.tasks[].type, for a single-task run."""
+    labels: list[str] | str | None = None
+    """The allowed labels of a classification task, or a file holding them."""
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    """Prompt template of a single-task run (default: the records as they are)."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """Several datasets trained together, each with its own type, format and template (then
+    leave data.train/validation/test empty)."""
+    mixing: Literal["weights", "temperature"] = "weights"
+    """How tasks share the training examples: in proportion to their weights, or to
+    (task size) ** (1 / temperature), which lifts small tasks as the temperature rises."""
+    temperature: float = 2.0
+    """The temperature of mixing=temperature (1: proportional to size)."""
 
 
 @dataclass
@@ -146,6 +208,19 @@ class PreferenceConfig:
     held). auto: cached for adapters, precompute otherwise."""
 
 
+@dataclass
+class EvalConfig:
+    """Task metrics during training (`tuneforge eval` reads its settings from the command line)."""
+
+    val_metrics: bool = True
+    """At each validation, score classification tasks by label likelihood and log accuracy and
+    macro/micro precision, recall and F1 as val_<name> (per task as val_<task>_<name> when there
+    are several), so train.metric_for_best can be val_macro_f1 or val_accuracy."""
+    val_metrics_examples: int | None = None
+    """Score at most this many validation examples per task at each evaluation (None: all);
+    scoring costs a forward pass per example and label, more than the validation loss."""
+
+
 RECIPES = ("sft", "dpo")
 
 
@@ -160,6 +235,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,7 +302,8 @@ def validate(config: RunConfig) -> list[str]:
         errors.append("adapter.trainable_layers: must be >= 0")
     if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
         errors.append("train.early_stopping_patience: must be >= 1")
-    if t.early_stopping_patience and not (d.validation or d.validation_fraction):
+    has_validation = d.validation or d.validation_fraction or any(k.validation for k in d.tasks)
+    if t.early_stopping_patience and not has_validation:
         errors.append("train.early_stopping_patience: needs validation data (data.validation "
                       "or data.validation_fraction)")
     if not t.metric_for_best.startswith("val_"):
@@ -234,10 +311,38 @@ def validate(config: RunConfig) -> list[str]:
                       f"or val_accuracy (got {t.metric_for_best!r})")
     if t.keep_last < 1:
         errors.append("train.keep_last: must be >= 1")
-    if not d.train:
-        errors.append("data.train: required (path to the training file)")
+    if not d.train and not d.tasks:
+        errors.append("data.train: required (path to the training file), or data.tasks")
+    errors += _validate_tasks(d)
+    if config.eval.val_metrics_examples is not None and config.eval.val_metrics_examples < 1:
+        errors.append("eval.val_metrics_examples: must be >= 1 (or null for all)")
     if config.recipe == "dpo":
         errors += _validate_preference(config.preference, a.method)
+    return errors
+
+
+def _validate_tasks(d: DataConfig) -> list[str]:
+    """data.tasks: each task named once, with a training file and a positive weight."""
+    if not d.tasks:
+        return []
+    errors = []
+    if d.train or d.validation or d.test:
+        errors.append("data.train/validation/test: leave empty when data.tasks lists the files")
+    names = [task.name for task in d.tasks]
+    for i, task in enumerate(d.tasks):
+        where = f"data.tasks[{i}]"
+        if not task.name:
+            errors.append(f"{where}.name: required (used in metric names and reports)")
+        elif names.count(task.name) > 1:
+            errors.append(f"{where}.name: {task.name!r} names two tasks")
+        elif not task.name.replace("_", "").replace("-", "").isalnum():
+            errors.append(f"{where}.name: use letters, digits, - and _ (got {task.name!r})")
+        if not task.train:
+            errors.append(f"{where}.train: required (path to the task's training file)")
+        if task.weight <= 0:
+            errors.append(f"{where}.weight: must be > 0 (got {task.weight})")
+    if d.temperature <= 0:
+        errors.append(f"data.temperature: must be > 0 (got {d.temperature})")
     return errors
 
 
@@ -285,6 +390,11 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]):
             if built is not None:
                 kwargs[key] = built
             continue
+        item = _list_item_dataclass(hint)
+        if item is not None and isinstance(value, list):
+            built = [_build(item, v, f"{prefix}{key}[{i}].", errors) for i, v in enumerate(value)]
+            kwargs[key] = [b for b in built if b is not None]
+            continue
         ok, coerced = _check_type(value, hint)
         if ok:
             kwargs[key] = coerced
@@ -295,6 +405,15 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]):
     except (TypeError, ValueError) as err:
         errors.append(f"{prefix.rstrip('.')}: {err}")
         return None
+
+
+def _list_item_dataclass(hint: Any) -> type | None:
+    """``X`` when ``hint`` is ``list[X]`` for a dataclass ``X`` (e.g. data.tasks)."""
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if dataclasses.is_dataclass(item):
+            return item
+    return None
 
 
 def _check_type(value: Any, hint: Any) -> tuple[bool, Any]:

@@ -3,77 +3,89 @@
 For every test prompt, each candidate answer ``prefix + label + suffix`` is scored as the sum of
 its token log-probabilities after the prompt; the prediction is the best-scoring label. Both
 base and tuned models are judged on the same footing (no parsing of free text, no luck in
-sampling), and the prompt is run once per example: candidates reuse its KV cache.
+sampling, no way to "miss" the format), and the prompt is run once per example: candidates
+reuse its KV cache. The suffix closes the answer (a newline, or the end-of-turn token), so a
+label that is a prefix of another ("Account" / "Account Security") is not favoured.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tuneforge.data.render import render_prompt
+from tuneforge.data.templates import Prompt, prompt_ids
+from tuneforge.eval.metrics import classification_metrics
 
 
 @dataclass
 class ClassificationScores:
+    """Gold and predicted labels of one evaluation, with the metrics derived from them."""
+
     labels: list[str]
     gold: list[str]
     predicted: list[str]
 
+    def metrics(self) -> dict:
+        """See :func:`tuneforge.eval.metrics.classification_metrics` for the keys."""
+        return classification_metrics(self.gold, self.predicted, self.labels)
+
     @property
     def accuracy(self) -> float:
-        return sum(g == p for g, p in zip(self.gold, self.predicted)) / max(1, len(self.gold))
+        return self.metrics()["accuracy"]
 
     def per_label(self) -> dict[str, dict[str, float]]:
         """precision, recall, F1 and support of each label."""
-        out = {}
-        for label in self.labels:
-            tp = sum(g == p == label for g, p in zip(self.gold, self.predicted))
-            n_pred = sum(p == label for p in self.predicted)
-            n_gold = sum(g == label for g in self.gold)
-            precision = tp / n_pred if n_pred else 0.0
-            recall = tp / n_gold if n_gold else 0.0
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-            out[label] = {"precision": precision, "recall": recall, "f1": f1, "support": n_gold}
-        return out
+        return self.metrics()["per_class"]
 
     @property
     def macro_f1(self) -> float:
-        scores = [v["f1"] for v in self.per_label().values() if v["support"]]
-        return sum(scores) / max(1, len(scores))
+        return self.metrics()["macro_f1"]
 
     def to_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "per_label": self.per_label(),
-                "n": len(self.gold)}
+        return self.metrics()
 
 
 @torch.no_grad()
-def label_log_probs(model, tokenizer, messages: list[dict], candidates: Sequence[str],
-                    bf16: bool | None = None) -> list[float]:
-    """Sum of log p(candidate tokens | conversation) for each candidate answer text.
+def score_continuations(model, prompt: list[int], continuations: Sequence[list[int]],
+                        bf16: bool | None = None) -> list[float]:
+    """Sum of log p(continuation tokens | prompt) for each continuation (token ids).
 
-    The prompt runs once; its KV cache is repeated for the candidates, which then run as one
-    right-padded batch (bf16 autocast where the hardware has it, unless ``bf16=False``).
-    Right padding needs no attention mask: under causal attention a real
+    The prompt ``[P]`` runs once; its KV cache is repeated for the ``C`` continuations, which
+    then run as one right-padded ``[C, W]`` batch (bf16 autocast where the hardware has it,
+    unless ``bf16=False``). Right padding needs no attention mask: under causal attention a real
     token never sees the padding that follows it, and padded positions are not scored.
     """
-    prompt_ids = render_prompt(messages, tokenizer)
-    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
     with _autocast(model, bf16):
-        out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
-    cache, last_logits = out.past_key_values, out.logits[0, -1]
-    cands = [_continuation_ids(tokenizer, prompt_text, prompt_ids, text) for text in candidates]
-    width = max(len(c) for c in cands)
-    batch = torch.tensor([c + [c[-1]] * (width - len(c)) for c in cands])
-    cache.batch_repeat_interleave(len(cands))
-    positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(len(cands), -1)
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+    cache, last_logits = out.past_key_values, out.logits[0, -1]  # last_logits: [V]
+    n = len(continuations)
+    width = max(len(c) for c in continuations)
+    batch = torch.tensor([c + [c[-1]] * (width - len(c)) for c in continuations])  # [C, W]
+    cache.batch_repeat_interleave(n)
+    positions = torch.arange(len(prompt), len(prompt) + width).expand(n, -1)
     with _autocast(model, bf16):
         step = model(input_ids=batch, past_key_values=cache, position_ids=positions, use_cache=True)
-    logits = torch.cat([last_logits.expand(len(cands), 1, -1), step.logits[:, :-1]], dim=1)
+    logits = torch.cat([last_logits.expand(n, 1, -1), step.logits[:, :-1]], dim=1)  # [C, W, V]
     logp = torch.log_softmax(logits.float(), -1).gather(2, batch[:, :, None])[..., 0]
-    return [float(logp[i, : len(c)].sum()) for i, c in enumerate(cands)]
+    return [float(logp[i, : len(c)].sum()) for i, c in enumerate(continuations)]
+
+
+def label_log_probs(model, tokenizer, prompt: Prompt, candidates: Sequence[str],
+                    bf16: bool | None = None) -> list[float]:
+    """Sum of log p(candidate tokens | prompt) for each candidate answer text.
+
+    ``prompt`` is a conversation (rendered with the chat template) or raw prompt text; the
+    candidates are tokenised as training tokenises an answer after that prompt.
+    """
+    ids = prompt_ids(prompt, tokenizer)
+    if isinstance(prompt, str):  # raw completions are tokenised on their own in training
+        cands = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in candidates]
+    else:
+        prompt_text = tokenizer.decode(ids, skip_special_tokens=False)
+        cands = [_continuation_ids(tokenizer, prompt_text, ids, text) for text in candidates]
+    return score_continuations(model, ids, cands, bf16)
 
 
 def _autocast(model, bf16: bool | None):
@@ -93,15 +105,20 @@ def _continuation_ids(tokenizer, prompt_text: str, prompt_ids: list[int], text: 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def classify(model, tokenizer, prompts: list[list[dict]], gold: list[str], labels: list[str],
-             *, prefix: str = "", suffix: str = "", progress=None,
+def classify(model, tokenizer, prompts: Sequence[Prompt], gold: list[str], labels: list[str],
+             *, prefix: str = "", suffix: str = "", progress: Callable[[int], None] | None = None,
              bf16: bool | None = None) -> ClassificationScores:
     """Predict a label for each prompt by likelihood; ``progress`` is called after each one."""
     predicted = []
-    for i, messages in enumerate(prompts):
-        scores = label_log_probs(model, tokenizer, messages,
-                                 [prefix + lab + suffix for lab in labels], bf16)
-        predicted.append(labels[max(range(len(labels)), key=scores.__getitem__)])
-        if progress:
-            progress(i + 1)
+    was_training = model.training
+    model.eval()
+    try:
+        for i, prompt in enumerate(prompts):
+            scores = label_log_probs(model, tokenizer, prompt,
+                                     [prefix + lab + suffix for lab in labels], bf16)
+            predicted.append(labels[max(range(len(labels)), key=scores.__getitem__)])
+            if progress:
+                progress(i + 1)
+    finally:
+        model.train(was_training)
     return ClassificationScores(labels=list(labels), gold=list(gold), predicted=predicted)
