@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_data(sub)
 
+    from tuneforge.serve.cli import register as register_serve
+
+    register_serve(sub)
+
     from tuneforge.eval.cli import register as register_eval
 
     register_eval(sub)

@@ -1,0 +1,202 @@
+"""``tuneforge serve`` and ``tuneforge monitor``; the main CLI calls :func:`register`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import signal
+import socket
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import ConfigError, TuneforgeError
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` and ``monitor`` commands to the main CLI's subparsers."""
+    p = subparsers.add_parser(
+        "serve", help="serve a model or a run over an OpenAI-compatible HTTP API",
+        description="OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) "
+                    "with dynamic batching, API keys, rate limits, /health, /metrics and a "
+                    "JSONL request log. Ctrl-C (SIGINT/SIGTERM) lets in-flight requests finish.")
+    p.add_argument("model", metavar="MODEL_OR_RUN",
+                   help="a run folder, builtin:NAME, tiny:ARCH, a model folder or .gguf")
+    p.add_argument("--adapters", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                   help="more LoRA adapters on the same base (run or PEFT folders), each served "
+                        "as model NAME")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--api-keys", metavar="FILE",
+                   help="keys, one per line as NAME:KEY or KEY (also $TUNEFORGE_API_KEYS, "
+                        "comma-separated)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="accept requests without a key (loopback hosts only)")
+    p.add_argument("--rate-limit", type=float, default=600.0, metavar="RPM",
+                   help="requests per minute per key, 0 = unlimited (default 600)")
+    p.add_argument("--rate-burst", type=int, default=60, help="requests a key may send at once")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="most new tokens a request may ask for, per choice (default 512)")
+    p.add_argument("--max-request-bytes", type=int, default=1_000_000)
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="rows generated together (1 = one request at a time)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long an idle worker waits for more requests to batch")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="choices waiting at most; beyond it requests get 503")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32: exact, a request's greedy output never depends on its batch; "
+                        "bf16: faster on a bf16 CPU, greedy near-ties may flip")
+    p.add_argument("--request-log", metavar="PATH",
+                   help="JSONL request log (default: RUN/requests.jsonl for a run, else "
+                        "./requests.jsonl)")
+    p.add_argument("--no-request-log", action="store_true")
+    p.add_argument("--log-prompts", action="store_true",
+                   help="also log prompt and completion texts (off: they may be personal data)")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="seconds to wait for in-flight requests at shutdown")
+    p.set_defaults(func=cmd_serve)
+
+    m = subparsers.add_parser(
+        "monitor", help="summarise a serve request log: volume, errors, latency, drift",
+        description="Volume, error rate, latency percentiles and output-length drift over time "
+                    "from the JSONL request log of `tuneforge serve`, with a plot.")
+    m.add_argument("log", metavar="LOG", help="requests.jsonl written by tuneforge serve")
+    m.add_argument("--bucket", default="auto",
+                   help="time bucket: auto, or a duration such as 30s, 5m, 1h, 1d")
+    m.add_argument("--plot", metavar="PNG", help="where to save the plot (default: LOG.png)")
+    m.add_argument("--no-plot", action="store_true")
+    m.add_argument("--json", action="store_true", help="print the summary as JSON")
+    m.set_defaults(func=cmd_monitor)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tuneforge.serve.app import ServeSettings
+    from tuneforge.serve.auth import ENV_VAR, load_keys
+    from tuneforge.serve.engine import load_served_models, parse_adapter_args
+
+    settings = ServeSettings(
+        max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens,
+        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue, rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+        request_log=None if args.no_request_log else _request_log_path(args),
+        log_prompts=args.log_prompts,
+    )
+    settings.check()
+    adapters = parse_adapter_args(args.adapters)
+    if args.no_auth:
+        if not _is_loopback(args.host):
+            raise ConfigError(f"--no-auth serves anyone who can reach {args.host}; it is "
+                              "allowed on a loopback host only (127.0.0.1, ::1, localhost)")
+        keys = None
+    else:
+        keys = load_keys(args.api_keys)
+        if not len(keys):
+            raise ConfigError(f"no API keys: give --api-keys FILE or set ${ENV_VAR} "
+                              "(or --no-auth for a server on loopback only)")
+    sock = _bind(args.host, args.port)  # before the slow model load: fail fast on a busy port
+    models = load_served_models(args.model, adapters, precision=args.precision, say=_say)
+    _run(models, settings, keys, sock, args)
+    return 0
+
+
+def _run(models, settings, keys, sock: socket.socket, args) -> None:
+    import uvicorn
+
+    from tuneforge.serve.app import create_app
+
+    app = create_app(models, settings, keys)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    _say(f"serving {', '.join(models.ids)} on http://{shown}:{port}/v1 "
+         f"(auth {'off' if keys is None else f'on, {len(keys)} keys'}, request log "
+         f"{settings.request_log or 'off'}); Ctrl-C stops after in-flight requests finish")
+    config = uvicorn.Config(app, log_level="info", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    _graceful_server_class()(config).run(sockets=[sock])
+    _say("stopped")
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, except that after a graceful stop on SIGINT/SIGTERM the process
+        exits normally (status 0) instead of re-raising the signal."""
+
+        @contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
+def _request_log_path(args) -> Path:
+    if args.request_log:
+        return Path(args.request_log)
+    from tuneforge.models.runs import find_run_output
+
+    model = Path(args.model)
+    output = find_run_output(model) if model.is_dir() else None
+    if output is not None:
+        run_dir = output.parent if output.name in ("adapter", "model") else output
+        return run_dir / "requests.jsonl"
+    return Path("requests.jsonl")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be within 0..65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        raise TuneforgeError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+    sock.set_inheritable(True)
+    return sock
+
+
+def _say(message: str) -> None:
+    print(f"tuneforge: {message}", file=sys.stderr, flush=True)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from tuneforge.serve.monitor import plot_summary, read_log, render_summary, summarise
+
+    records, skipped = read_log(args.log)
+    summary = summarise(records, bucket=args.bucket)
+    summary["skipped_lines"] = skipped
+    if not args.no_plot:
+        path = Path(args.plot) if args.plot else Path(f"{args.log}.png")
+        plot_summary(summary, path)
+        summary["plot"] = str(path)
+    if args.json:
+        import json
+
+        print(json.dumps(summary, indent=2))
+    else:
+        print(render_summary(summary))
+    return 0
