@@ -285,6 +285,12 @@ class FeedbackStore:
                 added += cursor.rowcount
         return added
 
+    def prompts(self, session: Session) -> list[Prompt]:
+        rows = self._db.execute(
+            "SELECT * FROM prompts WHERE session_id = ? ORDER BY position", (session.id,)
+        )
+        return [_prompt(r) for r in rows]
+
     def next_prompt(self, session: Session, annotator: str) -> Prompt | None:
         """The first prompt, in order, that ``annotator`` has not finished; None when done."""
         row = self._db.execute(
