@@ -184,6 +184,8 @@ def validation_metrics_fn(tasks: Sequence[EvalTask], tokenizer,
             out.update({f"{name}_{k}": v for name, m in per_task.items() for k, v in m.items()})
         return out
 
+    metrics_fn.names = list(keys) + ([f"{t.name}_{k}" for t in scored for k in keys]
+                                     if len(scored) > 1 else [])
     return metrics_fn
 
 

@@ -10,14 +10,8 @@ from pathlib import Path
 
 from tuneforge.config import RunConfig
 from tuneforge.models.loading import load_tokenizer
-from tuneforge.recipes.common import (
-    check_run_dir,
-    finish_run,
-    load_splits,
-    say,
-    setup_model,
-    tokenize_all,
-)
+from tuneforge.recipes.common import check_run_dir, finish_run, say, setup_model
+from tuneforge.recipes.tasks import load_training_tasks, tokenize_tasks, training_metrics_fn
 from tuneforge.train.loop import train
 
 
@@ -26,9 +20,9 @@ def run_sft(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
     run_dir = Path(config.output_dir)
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # before any slow work
     tokenizer = load_tokenizer(config.model.name)
-    train_examples, val_examples = load_splits(config)
-    train_set = tokenize_all(train_examples, tokenizer, config, "train")
-    val_set = tokenize_all(val_examples, tokenizer, config, "validation")
+    tasks = load_training_tasks(config, tokenizer)  # one, or data.tasks mixed by weight
+    train_set, val_set, task_counts = tokenize_tasks(tasks, tokenizer, config)
+    metrics_fn = training_metrics_fn(tasks, tokenizer, config)  # label metrics at validation
 
     model, tokenizer, acc, params = setup_model(config, run_dir, resume=resume)
     if acc.is_main_process:
@@ -37,6 +31,8 @@ def run_sft(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
             f"epoch; training {params['trainable']:,} of {params['total']:,} parameters "
             f"({config.adapter.method}) on {acc.device} x{acc.num_processes}")
 
-    result = train(model, train_set, val_set, config.train, run_dir, resume=resume, accelerator=acc)
+    result = train(model, train_set, val_set, config.train, run_dir, resume=resume, accelerator=acc,
+                   metrics_fn=metrics_fn)
+    extra = {"tasks": task_counts} if task_counts else {}
     return finish_run(model, tokenizer, config, run_dir, result, acc, params,
-                      len(train_set), len(val_set))
+                      len(train_set), len(val_set), **extra)
