@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+from test_data_formats import only_error, write_jsonl
 
 from tuneforge.data.cli import register
 from tuneforge.data.example import Message
 from tuneforge.data.formats import (
     FORMATS,
-    Problem,
     detect_format,
     load_examples,
     load_prompts,
@@ -22,20 +22,6 @@ from tuneforge.data.formats import (
 )
 from tuneforge.data.validate import check_data
 from tuneforge.errors import DataError
-
-
-def write_jsonl(path: Path, *records: dict | str) -> Path:
-    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def only_error(path: Path, fmt: str | None = None) -> Problem:
-    _, problems = parse_examples(path, fmt)
-    errors = [p for p in problems if p.severity == "error"]
-    assert len(errors) == 1, [str(p) for p in problems]
-    return errors[0]
-
 
 RATED = {"prompt": "q", "response": "a", "rating": 4}
 THUMBS_UP = {"prompt": "q", "completion": "a", "label": True}
