@@ -33,6 +33,7 @@ class SingleProcess:
 
     device = torch.device("cpu")
     num_processes = 1
+    is_main_process = True
     sync_gradients = True
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -31,12 +31,9 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Ten
     return (chosen > rejected).float().mean()
 
 
-def bradley_terry_loss(
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    margin: torch.Tensor | None = None,
-    center_coefficient: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | None = None, center_coefficient: float = 0.0,
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pairwise Bradley-Terry loss ``-log σ(r_chosen - r_rejected - margin)``, batch mean.
 
     ``chosen_rewards``, ``rejected_rewards``, ``margin``: ``[B]``. The optional margin (Llama 2,
