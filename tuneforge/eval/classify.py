@@ -59,14 +59,14 @@ def score_continuations(model, prompt: list[int], continuations: Sequence[list[i
     """
     with _autocast(model, bf16):
         out = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-    cache, last_logits = out.past_key_values, out.logits[0, -1]  # last_logits: [V]
+    cache, last_logits = out.cache, out.logits[0, -1]  # last_logits: [V]
     n = len(continuations)
     width = max(len(c) for c in continuations)
     batch = torch.tensor([c + [c[-1]] * (width - len(c)) for c in continuations])  # [C, W]
     cache.batch_repeat_interleave(n)
     positions = torch.arange(len(prompt), len(prompt) + width).expand(n, -1)
     with _autocast(model, bf16):
-        step = model(input_ids=batch, past_key_values=cache, position_ids=positions, use_cache=True)
+        step = model(input_ids=batch, cache=cache, position_ids=positions, use_cache=True)
     logits = torch.cat([last_logits.expand(n, 1, -1), step.logits[:, :-1]], dim=1)  # [C, W, V]
     logp = torch.log_softmax(logits.float(), -1).gather(2, batch[:, :, None])[..., 0]
     return [float(logp[i, : len(c)].sum()) for i, c in enumerate(continuations)]
