@@ -7,8 +7,8 @@ The implicit rewards are what gets logged as "reward margin" and "reward accurac
 (:func:`preference_metrics`).
 
 Recipes pick a loss by name from :data:`PREFERENCE_LOSSES`; ``needs_reference`` says whether
-reference log-probs must be computed for it, ``options`` which keyword options it reads besides
-``beta``. Unpaired thumbs-up/down data goes through :func:`kto_loss` instead.
+reference log-probs must be computed for it; a loss's options are its keyword-only
+parameters besides ``beta``. Unpaired thumbs-up/down data goes through :func:`kto_loss` instead.
 
 Notation in the docstrings: ``Δc = chosen_logps - ref_chosen_logps`` and
 ``Δr = rejected_logps - ref_rejected_logps`` (log-ratios against the reference), ``σ`` the
@@ -56,8 +56,6 @@ class PreferenceLoss:
     fn: Callable[..., PreferenceOutput]
     needs_reference: bool
     doc: str
-    options: tuple[str, ...] = ()
-    """Keyword options the loss reads besides ``beta`` (anything else is ignored by it)."""
 
 
 def _log_ratios(x: PreferenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,20 +231,17 @@ def orpo_loss(x: PreferenceInputs, *, beta: float = 0.1, **_: float) -> Preferen
 
 
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
-    "dpo": PreferenceLoss(dpo_loss, needs_reference=True, doc="sigmoid DPO (cDPO with label_smoothing)",
-                          options=("label_smoothing",)),
-    "robust": PreferenceLoss(robust_dpo_loss, True, "rDPO: unbiased under noisy labels",
-                             ("label_smoothing",)),
+    "dpo": PreferenceLoss(dpo_loss, needs_reference=True, doc="sigmoid DPO (cDPO with label_smoothing)"),
+    "robust": PreferenceLoss(robust_dpo_loss, True, "rDPO: unbiased under noisy labels"),
     "ipo": PreferenceLoss(ipo_loss, True, "IPO: squared loss on per-token log-ratio gaps"),
     "hinge": PreferenceLoss(hinge_loss, True, "SLiC hinge on DPO log-ratios"),
     "sppo_hard": PreferenceLoss(sppo_hard_loss, True, "SPPO with hard win probabilities"),
     "nca_pair": PreferenceLoss(nca_pair_loss, True, "NCA, pairwise"),
     "apo_zero": PreferenceLoss(apo_zero_loss, True, "APO-zero: chosen better than the model's"),
     "apo_down": PreferenceLoss(apo_down_loss, True, "APO-down: chosen worse than the model's"),
-    "exo_pair": PreferenceLoss(exo_pair_loss, True, "EXO, pairwise", ("label_smoothing",)),
-    "discopop": PreferenceLoss(discopop_loss, True, "DiscoPOP log-ratio modulated loss", ("tau",)),
-    "simpo": PreferenceLoss(simpo_loss, False, "SimPO: reference-free, length-normalised margin",
-                            ("gamma", "label_smoothing")),
+    "exo_pair": PreferenceLoss(exo_pair_loss, True, "EXO, pairwise"),
+    "discopop": PreferenceLoss(discopop_loss, True, "DiscoPOP log-ratio modulated loss"),
+    "simpo": PreferenceLoss(simpo_loss, False, "SimPO: reference-free, length-normalised margin"),
     "orpo": PreferenceLoss(orpo_loss, False, "ORPO: SFT + odds-ratio term, reference-free"),
 }
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from tuneforge.losses import LossAndMetrics
 from tuneforge.losses.reward import ordered_pairs, plackett_luce_loss, ranking_metrics, resolve_mask
 
 
 def lipo_listmle_loss(logps: torch.Tensor, ref_logps: torch.Tensor,
                       mask: torch.Tensor | None = None,
-                      beta: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      beta: float = 0.1) -> LossAndMetrics:
     """Plackett-Luce (ListMLE) on DPO implicit rewards, as in LiPO (Liu et al. 2024).
 
     The implicit reward of response ``i`` is ``beta·(logps_i - ref_logps_i)``; the loss is the
@@ -42,7 +43,7 @@ def _best_worst_gap(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def rrhf_loss(logps: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None,
-              sft_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              sft_weight: float = 1.0) -> LossAndMetrics:
     """RRHF (Yuan et al. 2023): rank responses by length-normalised log-prob, plus SFT.
 
     ``logps``: ``[B, K]`` summed log-probs, ``tokens``: ``[B, K]`` their token counts, best

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tuneforge.losses import LossAndMetrics
+
 
 def ranking_mask(lengths: torch.Tensor, k: int) -> torch.Tensor:
     """``[B, k]`` bool mask with the first ``lengths[b]`` entries of row ``b`` set."""
@@ -32,8 +34,8 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Ten
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                       margin: torch.Tensor | None = None, center_coefficient: float = 0.0,
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       margin: torch.Tensor | None = None,
+                       center_coefficient: float = 0.0) -> LossAndMetrics:
     """Pairwise Bradley-Terry loss ``-log σ(r_chosen - r_rejected - margin)``, batch mean.
 
     ``chosen_rewards``, ``rejected_rewards``, ``margin``: ``[B]``. The optional margin (Llama 2,
@@ -62,9 +64,7 @@ def _suffix_logsumexp(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.logcumsumexp(filled.flip(-1), dim=-1).flip(-1)
 
 
-def plackett_luce_loss(
-    scores: torch.Tensor, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def plackett_luce_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -> LossAndMetrics:
     """Listwise Plackett-Luce negative log-likelihood of the given order (ListMLE; Xia et al. 2008).
 
     ``scores``: ``[B, K]``, columns ranked best first; ``mask``: ``[B, K]`` bool (padding
@@ -87,9 +87,7 @@ def ordered_pairs(mask: torch.Tensor) -> torch.Tensor:
     return above & mask[..., :, None] & mask[..., None, :]
 
 
-def all_pairs_loss(
-    scores: torch.Tensor, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def all_pairs_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -> LossAndMetrics:
     """Bradley-Terry over every ordered pair of each ranking (InstructGPT; Ouyang et al. 2022).
 
     ``scores``: ``[B, K]`` best first; ``mask``: ``[B, K]``. Each list's loss is the mean of
@@ -107,9 +105,7 @@ def all_pairs_loss(
     return loss, ranking_metrics(scores.detach(), mask)
 
 
-def regression_loss(
-    pred: torch.Tensor, target: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> LossAndMetrics:
     """Mean squared error of predicted against rated scores (``[B]`` each), plus MAE."""
     error = pred.float() - target.float()
     return (error**2).mean(), {"mae": error.detach().abs().mean()}

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tuneforge.losses import LossAndMetrics
+
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of ``x`` where ``mask`` is set, over ``dim`` (all dimensions when None)."""
@@ -124,7 +126,7 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     clip_range: float = 0.2,
     clip_range_high: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossAndMetrics:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), mean over masked tokens.
 
     All inputs ``[B, T]``. Per token ``max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε_high))``, ``ρ = π/π_old``;
@@ -145,7 +147,7 @@ def ppo_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range_value: float | None = 0.2,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossAndMetrics:
     """Clipped value loss ``½·max((V-R)², (V_clip-R)²)``, mean over masked tokens.
 
     All inputs ``[B, T]``; ``V_clip = V_old + clip(V - V_old, ±clip_range_value)`` keeps the
@@ -180,9 +182,8 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1024) -> torch.T
     return torch.cat(parts).reshape(logits.shape[:-1])
 
 
-def grpo_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-4
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std",
+                    eps: float = 1e-4) -> LossAndMetrics:
     """Group-relative advantages (GRPO, Shao et al. 2024): no value network.
 
     ``rewards``: ``[B]``, ``B = groups × group_size``, each group's completions contiguous (all
@@ -214,7 +215,7 @@ def grpo_loss(
     beta: float = 0.0,
     aggregation: str = "token",
     clip_range_high: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossAndMetrics:
     """GRPO objective: the clipped surrogate with one advantage per sequence, plus a k3 KL.
 
     ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``mask``: ``[B, T]``; ``advantages``:
@@ -253,7 +254,7 @@ def kl_penalized_rewards(
     mask: torch.Tensor,
     kl_coef: float,
     estimator: str = "k1",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossAndMetrics:
     """Per-token PPO rewards: ``-kl_coef·KL_t`` everywhere, plus the score on the last token.
 
     ``scores``: ``[B]`` (reward model or verifier); the others ``[B, T]``. The KL penalty keeps
