@@ -160,7 +160,7 @@ def collect(
             done, total = store.progress(session, annotator)
             _show_prompt(terminal, prompt, done, total)
             answered += _JUDGES[session.mode](store, prompt, candidates, annotator, terminal)
-    except Quit:
+    except (Quit, KeyboardInterrupt):  # every answer given is already committed
         pass
     done, total = store.progress(session, annotator)
     terminal.say(
