@@ -17,7 +17,7 @@ ticket is in both):
 
     pairs_{train,test}.jsonl      preference: prompt, chosen, rejected
     rankings_{train,test}.jsonl   ranking: prompt, responses (3-4, best first)
-    ratings_{train,test}.jsonl    rating: prompt, response, rating 1-5 (10% off by one)
+    ratings_{train,test}.jsonl    rating: prompt, response, rating 1-5 (two per ticket; 10% off by one)
     unpaired_{train,test}.jsonl   unpaired (KTO): prompt, completion, label true/false
     arithmetic_{train,test}.jsonl prompts for PPO/GRPO: word problems with their answer
     replies_{train,test}.jsonl    prompts for PPO/GRPO: tickets with their department
@@ -179,16 +179,18 @@ def rankings(rng: Random, tickets: list[dict], n: int, split: str) -> list[dict]
 
 
 def ratings(rng: Random, tickets: list[dict], n: int, split: str) -> list[dict]:
-    """Responses rated 1-5 by the rubric; one in ten off by one, as people disagree."""
+    """Two responses per ticket of different quality, so ratings also compare within a
+    prompt; rated 1-5 by the rubric, one in ten off by one, as people disagree."""
     out = []
-    kinds = ["good", "good", *FLAWS]  # a third of the responses are good
-    for i in range(n):
-        ticket, kind = tickets[i % len(tickets)], kinds[i % len(kinds)]
-        rating = SCORE[kind]
-        if rng.random() < 0.1:
-            rating = min(5, max(1, rating + rng.choice([-1, 1])))
-        out.append({"prompt": prompt(ticket), "response": flawed(rng, ticket, kind, split),
-                    "rating": rating, "flaw": kind})
+    for ticket in rng.sample(tickets, n // 2):
+        first = "good" if rng.random() < 0.5 else rng.choice(FLAWS)
+        second = rng.choice([f for f in FLAWS if f != first])
+        for kind in (first, second):
+            rating = SCORE[kind]
+            if rng.random() < 0.1:
+                rating = min(5, max(1, rating + rng.choice([-1, 1])))
+            out.append({"prompt": prompt(ticket), "response": flawed(rng, ticket, kind, split),
+                        "rating": rating, "flaw": kind})
     rng.shuffle(out)
     return out
 
@@ -298,8 +300,9 @@ a test score also asks whether a model learnt the quality, not the words.
 
 The train files use the support data's train tickets and the test files its test tickets: no
 ticket, and no arithmetic problem, is in both (the generator asserts it). Ratings follow the
-rubric, with one in ten off by one as annotators disagree. `flaw`/`flaws` name the kind of
-each response, for per-flaw analysis; training ignores them.
+rubric, with one in ten off by one as annotators disagree; each ticket has two rated
+responses of different kinds, and each unpaired ticket one thumbs up and one thumbs down.
+`flaw`/`flaws` name the kind of each response, for per-flaw analysis; training ignores them.
 
 For PPO/GRPO, `arithmetic_*` are word problems that ask for `Answer: <number>` on the last
 line, checked against `answer`; `replies_*` are tickets with their `department`, scored by

@@ -51,8 +51,11 @@ def test_rankings_and_pairs_follow_the_rubric() -> None:
     for ex in load_examples(FOLDER / "pairs_test.jsonl"):
         better, worse = ex.extra["flaws"]
         assert score[better] > score[worse]
+    flaws_per_ticket: dict[str, set[str]] = {}
     for ex in load_examples(FOLDER / "ratings_train.jsonl"):
         assert abs(ex.scores[0] - score[ex.extra["flaw"]]) <= 1
+        flaws_per_ticket.setdefault(ex.prompt_messages[-1].content, set()).add(ex.extra["flaw"])
+    assert {len(flaws) for flaws in flaws_per_ticket.values()} == {2}  # two kinds per ticket
 
 
 def test_prompt_files_load_with_their_reward_columns() -> None:
