@@ -155,6 +155,7 @@ def test_bad_database_files(tmp_path: Path) -> None:
     other.commit()
     with pytest.raises(FeedbackError, match="a SQLite database, but not a feedback database"):
         FeedbackStore(tmp_path / "other.sqlite")
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # left as it was
 
 
 # --- answers typed in the terminal --------------------------------------------------------------
@@ -397,6 +398,13 @@ def test_exports_from_choices(tmp_path: Path) -> None:
     [ranking, _] = export_and_load(store, tmp_path, "ranking")
     assert [r[0].content for r in ranking.responses] == ["b", "a"]
     assert len(export_and_load(store, tmp_path, "unpaired")) == 4
+    other = store.start_session("other", "choose", "m", 2)
+    store.add_prompts(other, [(user("q9"), {}, None)])
+    [[c, _]] = with_candidates(store, other, [["x", "y"]])
+    store.choose(store.next_prompt(other, "ann").id, c, "ann")
+    assert len(export_and_load(store, tmp_path, "pairs")) == 2
+    [pair] = export_and_load(store, tmp_path, "pairs", session="s")
+    assert pair.extra["meta"]["session"] == "s"
 
 
 # --- the commands -------------------------------------------------------------------------------

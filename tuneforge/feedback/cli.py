@@ -253,7 +253,9 @@ def register(subparsers: Any) -> None:
     p = commands.add_parser(
         "collect",
         help="generate K candidates per prompt and rate, choose or rank them in the terminal",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description="Generate K candidates per prompt and judge them, reading answers from "
+        "stdin: rate (1-5 per candidate), choose (a letter) or rank (e.g. '2 1 3'). s skips a "
+        "prompt, q stops; every answer is saved at once, and the same command resumes.",
     )
     p.add_argument("model", help="a run folder, builtin:NAME, tiny:ARCH, a folder or .gguf")
     p.add_argument(

@@ -179,16 +179,20 @@ class FeedbackStore:
         except sqlite3.DatabaseError as err:
             self._db.close()
             raise FeedbackError(f"{self.path}: not a feedback database ({err})") from err
+        except FeedbackError:
+            self._db.close()
+            raise
 
     def _setup(self, timeout: float) -> None:
         db = self._db
         db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        db.execute("PRAGMA journal_mode = WAL")  # readers never block the one writer
-        db.execute("PRAGMA synchronous = FULL")  # a committed answer survives a power cut too
-        db.execute("PRAGMA foreign_keys = ON")
+        # Before changing anything: someone else's database is left exactly as it was.
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables and "meta" not in tables:
             raise FeedbackError(f"{self.path}: a SQLite database, but not a feedback database")
+        db.execute("PRAGMA journal_mode = WAL")  # readers never block the one writer
+        db.execute("PRAGMA synchronous = FULL")  # a committed answer survives a power cut too
+        db.execute("PRAGMA foreign_keys = ON")
         # One script, one transaction (executescript would commit an open transaction first).
         db.executescript(
             f"BEGIN IMMEDIATE; {_SCHEMA} INSERT OR IGNORE INTO meta "
@@ -429,15 +433,15 @@ class FeedbackStore:
         """Every answer (skips included), by session, prompt, annotator and candidate."""
         sessions = {s.id: s for s in ([session] if session else self.sessions())}
         rows = self._db.execute(
-            "SELECT j.kind, j.value, j.annotator, j.candidate_id, p.*, p.session_id "
+            "SELECT j.kind, j.value, j.annotator, j.candidate_id, p.* "
             "FROM judgements j JOIN prompts p ON p.id = j.prompt_id "
             "LEFT JOIN candidates c ON c.id = j.candidate_id "
-            "ORDER BY p.session_id, p.position, j.annotator, IFNULL(c.position, -1)"
+            "WHERE :session IS NULL OR p.session_id = :session "
+            "ORDER BY p.session_id, p.position, j.annotator, IFNULL(c.position, -1)",
+            {"session": session.id if session else None},
         ).fetchall()
         cached: dict[int, list[Candidate]] = {}
         for row in rows:
-            if row["session_id"] not in sessions:
-                continue
             if row["id"] not in cached:
                 cached[row["id"]] = self.candidates(row["id"])
             yield Judgement(
