@@ -203,10 +203,14 @@ def task_configs(config: RunConfig) -> list[TaskConfig]:
                        template=d.template)]
 
 
-def default_task_name(train_path: str) -> str:
-    """The training file's name, or its folder's when the file is just train.jsonl."""
-    path = Path(train_path or "task")
-    name = path.parent.name if path.stem in ("train", "training") and path.parent.name else path.stem
+GENERIC_STEMS = ("train", "training", "test", "validation", "val", "dev", "eval")
+
+
+def default_task_name(data_path: str) -> str:
+    """The data file's name, or its folder's when the file is just train.jsonl, test.jsonl..."""
+    path = Path(data_path or "task")
+    generic = path.stem.lower() in GENERIC_STEMS and path.parent.name
+    name = path.parent.name if generic else path.stem
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "task"
 
 
