@@ -391,6 +391,27 @@ def test_adapter_for_another_base_is_refused(tmp_path, adapters):
         load_served_models("tiny:llama", [("tiny:llama", str(adapters["alpha"]))])
 
 
+def test_bf16_server_keeps_one_inference_copy_per_model_id(adapters):
+    """In bf16 each id runs its own copy (adapter merged in): the same tokens as
+    generate_batch's bf16 copy of a PeftModel with just that adapter."""
+    from peft import PeftModel
+
+    from tuneforge.data.render import render_prompt
+    from tuneforge.generation import RowSettings, generate_rows
+
+    models = load_served_models("tiny:llama", list(adapters.items()), precision="bf16")
+    assert sorted(models._copies) == ["alpha", "beta", "tiny:llama"]
+    prompt = render_prompt(HELLO, models.tokenizer)
+    for name, folder in adapters.items():
+        with models.runner(name) as (run_model, autocast):
+            got = generate_rows(run_model, [prompt], [RowSettings(10)], autocast=autocast,
+                                stop_token_ids=models.stop_token_ids, pad_id=models.pad_id)
+        base, tok = load_model("tiny:llama")
+        want = generate_batch(PeftModel.from_pretrained(base, folder), tok, [HELLO],
+                              max_new_tokens=10, precision="bf16")
+        assert got[0][0] == want[0].token_ids, name
+
+
 @pytest.mark.parametrize("args,message", [
     (["tiny:llama"], "no API keys"),
     (["tiny:llama", "--no-auth", "--host", "0.0.0.0"], "loopback host only"),
