@@ -56,6 +56,8 @@ def benches(args, peak_file: Path | None) -> list[tuple[str, list[str]]]:
            ("sft-full", ["-m", "bench.sft", "--method", "full", *sft_args])]
     if (ROOT / "bench" / "generate.py").is_file():  # its own defaults; writes runs/bench/generate-*.json
         out.append(("generate", ["-m", "bench.generate"]))
+    # its own defaults; writes runs/bench/serve-*.json (rows with tokens_per_s and speedup)
+    out.append(("serve", ["-m", "bench.serve_load"]))
     if args.only:
         wanted = set(args.only.split(","))
         out = [b for b in out if b[0] in wanted]
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--contenders", default=None, help="for the sft benchmarks (default: theirs)")
-    p.add_argument("--only", default=None, help="comma-separated: sft-lora, sft-full, generate")
+    p.add_argument("--only", default=None, help="comma-separated: sft-lora, sft-full, generate, serve")
     p.add_argument("--peak-sizes", default="2048,4096", help="'none' to skip the matmul peak")
     args = p.parse_args(argv)
 
