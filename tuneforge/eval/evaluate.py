@@ -158,35 +158,47 @@ def _bar(total: int, desc: str):
 # Metrics during training
 
 
+LABEL_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "micro_f1")
+
+
 def validation_metrics_fn(tasks: Sequence[EvalTask], tokenizer,
                           ) -> Callable[[torch.nn.Module], dict[str, float]] | None:
     """The loop's ``metrics_fn``: label-scored metrics of the classification tasks.
 
-    One task logs ``accuracy``, ``macro_precision``, ``macro_recall``, ``macro_f1`` and
-    ``micro_f1``; several log each as ``<task>_<name>`` and their mean over the tasks under the
-    plain name. None when no task is a classification task.
+    Logs ``accuracy``, ``macro_precision``, ``macro_recall``, ``macro_f1`` and ``micro_f1``
+    (averaged over the classification tasks). With several tasks, each task's figures are also
+    logged as ``<task>_<name>``, with ``<task>_loss``. None when there is nothing to add to the
+    validation loss. ``metrics_fn.names`` lists the names it returns.
     """
-    scored = [t for t in tasks if t.spec is not None and t.spec.type == "classification" and t.test]
-    if not scored:
+    tasks = [t for t in tasks if t.test]
+    scored = [t for t in tasks if t.spec.type == "classification"]
+    several = len(tasks) > 1
+    if not scored and not several:
         return None
-    keys = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "micro_f1")
 
     def metrics_fn(model) -> dict[str, float]:
-        per_task = {}
-        for task in scored:
-            prompts = [prompt_and_reference(ex)[0] for ex in task.test]
-            gold = [gold_label(ex, task.spec) for ex in task.test]
-            result = classify(model, tokenizer, prompts, gold, task.spec.labels,
-                              prefix=task.spec.prefix, suffix=task.spec.suffix)
-            per_task[task.name] = {k: result.metrics()[k] for k in keys}
-        out = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in keys}
-        if len(per_task) > 1:
+        per_task = {t.name: label_metrics(model, tokenizer, t) for t in scored}
+        out = {k: sum(m[k] for m in per_task.values()) / len(per_task)
+               for k in LABEL_METRICS if per_task}
+        if several:
             out.update({f"{name}_{k}": v for name, m in per_task.items() for k, v in m.items()})
+            out.update({f"{t.name}_loss": completion_loss(model, tokenizer, t.test) for t in tasks})
         return out
 
-    metrics_fn.names = list(keys) + ([f"{t.name}_{k}" for t in scored for k in keys]
-                                     if len(scored) > 1 else [])
+    metrics_fn.names = (list(LABEL_METRICS) if scored else []) + (
+        [f"{t.name}_{k}" for t in scored for k in LABEL_METRICS] + [f"{t.name}_loss" for t in tasks]
+        if several else [])
     return metrics_fn
+
+
+def label_metrics(model, tokenizer, task: EvalTask) -> dict[str, float]:
+    """LABEL_METRICS of ``model`` on a classification task's examples, zero-shot."""
+    prompts = [prompt_and_reference(ex)[0] for ex in task.test]
+    gold = [gold_label(ex, task.spec) for ex in task.test]
+    result = classify(model, tokenizer, prompts, gold, task.spec.labels, prefix=task.spec.prefix,
+                      suffix=task.spec.suffix)
+    metrics = result.metrics()
+    return {k: metrics[k] for k in LABEL_METRICS}
 
 
 # --------------------------------------------------------------------------------------------
