@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     register_feedback(sub)
 
+    from tuneforge.score import register as register_score
+
+    register_score(sub)
+
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

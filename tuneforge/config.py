@@ -209,6 +209,84 @@ class PreferenceConfig:
 
 
 @dataclass
+class RewardConfig:
+    """recipe=reward: a scalar reward head trained from pairs, rankings or ratings."""
+
+    loss: Literal["auto", "bradley_terry", "plackett_luce", "all_pairs", "regression"] = "auto"
+    """bradley_terry (preference pairs), plackett_luce or all_pairs (rankings of 2+ responses,
+    or pairs), regression (ratings). auto: bradley_terry for pairs, plackett_luce for rankings,
+    regression for ratings. A loss that does not fit the data is refused by file:line."""
+    use_margin: bool = True
+    """bradley_terry: subtract a pair record's numeric ``margin`` field (how clearly the chosen
+    response is better; Llama 2 style) from the reward gap, where the record has one."""
+    center_coefficient: float = 0.0
+    """bradley_terry: weight of a penalty on (r_chosen + r_rejected)^2 that keeps rewards
+    centred on zero (the pairwise loss alone leaves any shared offset free)."""
+
+
+@dataclass
+class RankConfig:
+    """recipe=rank: the policy learns a ranking of 2+ responses per prompt (listwise)."""
+
+    loss: Literal["lipo", "rrhf"] = "lipo"
+    """lipo: Plackett-Luce (ListMLE) on DPO implicit rewards beta*(log pi - log pi_ref), as in
+    LiPO; rrhf: hinge ranking of length-normalised log-probs plus an SFT term on the best
+    response (RRHF; needs no reference model)."""
+    beta: float = 0.1
+    """lipo: inverse temperature of the implicit reward."""
+    sft_weight: float = 1.0
+    """rrhf: weight of the SFT (mean token NLL) term on each list's best response."""
+    reference: Literal["auto", "precompute", "cached", "online"] = "auto"
+    """lipo: how reference log-probs are obtained, as preference.reference."""
+
+
+@dataclass
+class RLConfig:
+    """recipe=ppo or grpo: online learning from a reward. The policy samples completions of the
+    prompts in data.train, a reward scores them, and the policy is updated towards the better
+    ones while a KL term keeps it near the reference (the starting model)."""
+
+    reward: str = ""
+    """The reward: a built-in function (answer_format, arithmetic, length, json,
+    support_reply), or your own as "module:function" or "path/to/file.py:function", called as
+    fn(prompts, completions, **columns) -> list of floats (see tuneforge/rewards.py)."""
+    max_new_tokens: int = 64
+    """Longest sampled completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (> 0: exploration needs sampling)."""
+    top_p: float = 1.0
+    num_generations: int | None = None
+    """Completions sampled per prompt. grpo: the group size (>= 2, default 4); ppo: default 1."""
+    kl_coef: float = 0.05
+    """ppo: weight of the per-token KL penalty in the reward; grpo: weight of the k3 KL term in
+    the loss (0: no reference model is used)."""
+    clip_range: float = 0.2
+    """Clip range of the probability ratio in the clipped surrogate objective."""
+    generation_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Precision of rollout generation (tuneforge.generation); log-probs for the update are
+    always computed by the trained model itself."""
+    scale_rewards: Literal["std", "none"] = "std"
+    """grpo: divide group-centred rewards by the group's std (GRPO), or not (Dr. GRPO)."""
+    aggregation: Literal["token", "sequence"] = "token"
+    """grpo: mean the loss over all completion tokens of a micro-batch (token; long answers are
+    not down-weighted) or over each completion's tokens, then completions (sequence)."""
+    ppo_epochs: int = 4
+    """ppo: passes over each rollout."""
+    minibatches: int = 2
+    """ppo: optimizer steps per pass over a rollout (the rollout is split into this many)."""
+    gamma: float = 1.0
+    """ppo: discount of GAE."""
+    lam: float = 0.95
+    """ppo: lambda of GAE (bias/variance of the advantage)."""
+    vf_coef: float = 0.1
+    """ppo: weight of the value loss."""
+    clip_range_value: float | None = 0.2
+    """ppo: how far a value prediction may move from the rollout's per update (null: no clip)."""
+    whiten_advantages: bool = True
+    """ppo: normalise the advantages of each rollout to zero mean and unit variance."""
+
+
+@dataclass
 class EvalConfig:
     """Task metrics during training (`tuneforge eval` reads its settings from the command line)."""
 
@@ -221,20 +299,23 @@ class EvalConfig:
     scoring costs a forward pass per example and label, more than the validation loss."""
 
 
-RECIPES = ("sft", "dpo")
+RECIPES = ("sft", "dpo", "reward", "rank", "ppo", "grpo")
 
 
 @dataclass
 class RunConfig:
     """A whole run: model, adapter, data, training, and where results go."""
 
-    recipe: Literal["sft", "dpo"] = "sft"
+    recipe: Literal["sft", "dpo", "reward", "rank", "ppo", "grpo"] = "sft"
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,6 +399,12 @@ def validate(config: RunConfig) -> list[str]:
         errors.append("eval.val_metrics_examples: must be >= 1 (or null for all)")
     if config.recipe == "dpo":
         errors += _validate_preference(config.preference, a.method)
+    if config.recipe == "rank":
+        errors += _validate_rank(config.rank, a.method)
+    if config.recipe in ("ppo", "grpo"):
+        errors += _validate_rl(config)
+    if config.recipe == "reward" and config.reward.center_coefficient < 0:
+        errors.append(f"reward.center_coefficient: must be >= 0 (got {config.reward.center_coefficient})")
     return errors
 
 
@@ -367,6 +454,62 @@ def _validate_preference(pref: PreferenceConfig, method: str) -> list[str]:
                       f"the model with adapters off); with adapter.method={method} use precompute")
     return errors
 
+
+def _validate_rl(config: RunConfig) -> list[str]:
+    """rl.*: a reward that loads, sampling settings, and what the online recipes cannot do."""
+    from tuneforge.rewards import load_reward_fn
+
+    rl, t, d = config.rl, config.train, config.data
+    errors = []
+    if not rl.reward:
+        errors.append("rl.reward: required: a built-in reward (answer_format, arithmetic, "
+                      "length, json, support_reply) or 'module:function' / 'file.py:function'")
+    else:
+        try:
+            load_reward_fn(rl.reward)
+        except ConfigError as err:
+            errors.append(f"rl.reward: {err}")
+    group = rl.num_generations
+    if group is not None and group < (2 if config.recipe == "grpo" else 1):
+        errors.append(f"rl.num_generations: must be >= {2 if config.recipe == 'grpo' else 1} "
+                      f"for {config.recipe} (got {group})")
+    positive = {"rl.max_new_tokens": rl.max_new_tokens, "rl.ppo_epochs": rl.ppo_epochs,
+                "rl.minibatches": rl.minibatches}
+    errors += [f"{k}: must be >= 1 (got {v})" for k, v in positive.items() if v < 1]
+    if rl.temperature <= 0 or not 0 < rl.top_p <= 1:
+        errors.append("rl.temperature must be > 0 and rl.top_p in (0, 1]: rollouts are sampled")
+    if rl.kl_coef < 0 or rl.clip_range <= 0 or rl.vf_coef < 0:
+        errors.append("rl.kl_coef and rl.vf_coef must be >= 0, rl.clip_range > 0")
+    if not (0 <= rl.gamma <= 1 and 0 <= rl.lam <= 1):
+        errors.append(f"rl.gamma and rl.lam: must be in [0, 1] (got {rl.gamma}, {rl.lam})")
+    if config.adapter.dropout or config.model.dropout:
+        errors.append("adapter.dropout and model.dropout: must be 0 for ppo/grpo (dropout would "
+                      "make the policy differ between sampling, scoring and the reference)")
+    if d.too_long == "truncate":
+        errors.append("data.too_long=truncate: prompts are not cut; use error or drop")
+    if d.tasks:
+        errors.append("data.tasks: ppo/grpo read one prompt file (data.train), with "
+                      "data.validation or data.validation_fraction")
+    if config.recipe == "ppo" and t.early_stopping_patience:
+        errors.append("train.early_stopping_patience: not supported by ppo (its result is the "
+                      "last step; validation logs val_reward)")
+    has_validation = d.validation or d.validation_fraction
+    if config.recipe == "grpo" and has_validation and t.metric_for_best == "val_loss":
+        errors.append("train.metric_for_best: val_loss says nothing about a grpo policy; use "
+                      "val_reward")
+    return errors
+
+
+def _validate_rank(rank: RankConfig, method: str) -> list[str]:
+    errors = []
+    if rank.beta <= 0:
+        errors.append(f"rank.beta: must be > 0 (got {rank.beta})")
+    if rank.sft_weight < 0:
+        errors.append(f"rank.sft_weight: must be >= 0 (got {rank.sft_weight})")
+    if rank.loss == "lipo" and rank.reference in ("cached", "online") and method not in PEFT_METHODS:
+        errors.append(f"rank.reference={rank.reference} needs an adapter (the reference is the "
+                      f"model with adapters off); with adapter.method={method} use precompute")
+    return errors
 
 # --- generic dataclass building with type checks -------------------------------------------
 

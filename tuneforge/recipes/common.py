@@ -137,11 +137,15 @@ def say(message: str) -> None:
 
 
 def finish_run(model, tokenizer, config: RunConfig, run_dir: Path, result: TrainResult, acc,
-               params: dict, n_train: int, n_val: int, **extra) -> dict:
-    """Save the trained weights, the loss plot and summary.json (main process); return the summary."""
+               params: dict, n_train: int, n_val: int, save_extra: Callable | None = None,
+               **extra) -> dict:
+    """Save the trained weights, the loss plot and summary.json (main process); return the summary.
+
+    ``save_extra`` is passed on to :func:`save_result`; ``extra`` goes into the summary.
+    """
     summary = {}
     if acc.is_main_process:
-        save_result(model, tokenizer, config, run_dir)
+        save_result(model, tokenizer, config, run_dir, save_extra)
         plot_loss(result.history, run_dir / "loss.png",
                   title=f"{config.model.name} {config.recipe} {config.adapter.method}")
         summary = make_summary(config, result, params, n_train, n_val) | extra
@@ -150,16 +154,23 @@ def finish_run(model, tokenizer, config: RunConfig, run_dir: Path, result: Train
     return summary
 
 
-def save_result(model, tokenizer, config: RunConfig, run_dir: Path) -> Path:
-    """Save the adapter (PEFT) or the whole model, with the tokenizer, for generate/eval/export."""
+def save_result(model, tokenizer, config: RunConfig, run_dir: Path,
+                save_extra: Callable[[Path], dict] | None = None) -> Path:
+    """Save the adapter (PEFT) or the whole model, with the tokenizer, for generate/eval/export.
+
+    ``save_extra(folder)`` may write more files next to the weights (a reward head) and returns
+    entries for the folder's tuneforge.json.
+    """
     out = run_dir / ("adapter" if config.adapter.method in PEFT_METHODS else "model")
     tmp = run_dir / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "tuneforge.json").write_text(json.dumps({"base_model": config.model.name,
-                                                     "method": config.adapter.method,
-                                                     "recipe": config.recipe}))
+    meta = {"base_model": config.model.name, "method": config.adapter.method,
+            "recipe": config.recipe}
+    if save_extra is not None:
+        meta.update(save_extra(tmp))
+    (tmp / "tuneforge.json").write_text(json.dumps(meta))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

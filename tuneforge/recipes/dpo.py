@@ -62,7 +62,7 @@ class PreferenceObjective:
     """Sequence log-probs of chosen and rejected -> a loss of the DPO family, summed over pairs."""
 
     metric_keys = ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward",
-                   "chosen_logps", "rejected_logps")
+                   "chosen_logps", "rejected_logps", "likelihood_accuracy")
 
     def __init__(self, model: nn.Module, loss: str = "dpo", beta: float = 0.1,
                  options: dict | None = None, reference: str = "cached") -> None:
@@ -93,7 +93,8 @@ class PreferenceObjective:
                    "chosen_reward": out.chosen_rewards.sum(),
                    "rejected_reward": out.rejected_rewards.sum(),
                    "chosen_logps": inputs.chosen_logps.detach().sum(),
-                   "rejected_logps": inputs.rejected_logps.detach().sum()}
+                   "rejected_logps": inputs.rejected_logps.detach().sum(),
+                   "likelihood_accuracy": _prefers_chosen(inputs).float().sum()}
         return out.losses.sum(), metrics
 
     @torch.no_grad()
@@ -110,6 +111,17 @@ class PreferenceObjective:
                 for pair, c, r in zip(chunk, logps[0::2].tolist(), logps[1::2].tolist()):
                     pair.ref = (c, r)
         self.module.train(was_training)
+
+
+def _prefers_chosen(x: PreferenceInputs) -> torch.Tensor:
+    """Whether the policy itself gives the chosen response the higher mean token log-prob.
+
+    Unlike the implicit-reward accuracy (0 at the start, when policy == reference, by
+    construction), this says how often the model prefers the chosen answer, before and after.
+    """
+    chosen = x.chosen_logps.detach() / x.chosen_tokens.clamp(min=1)
+    rejected = x.rejected_logps.detach() / x.rejected_tokens.clamp(min=1)
+    return chosen > rejected
 
 
 def _score(module, pairs, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,269 @@
+"""What the online recipes (PPO, GRPO) share: prompts in, scored completions and their per-token
+log-probs out.
+
+prompt file (``load_prompts``) -> :class:`PromptItem` (token ids + the columns a reward reads)
+-> :func:`sample` completions with the policy (batched, KV-cached generation from
+tuneforge.generation) and score them with the reward function -> :class:`Completion` (prompt +
+completion token ids) -> :func:`score_tokens`: the completions packed padding-free into one row,
+one forward pass, per-token log-probs (and entropies, values) as right-padded ``[B, T]``
+tensors, the shapes tuneforge.losses.rl takes.
+
+The reference policy (:class:`Reference`) is the model with its adapters switched off, never a
+second copy in memory; only full fine-tuning, which has no frozen weights to fall back on, keeps
+a frozen copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuneforge.config import RLConfig, RunConfig
+from tuneforge.data.example import Example
+from tuneforge.data.packing import pack
+from tuneforge.data.render import IGNORE_INDEX, TokenizedExample, render_prompt
+from tuneforge.errors import DataError
+from tuneforge.generation import generate_batch
+from tuneforge.losses.causal_lm import CausalLMLoss
+from tuneforge.rewards import RewardFn, call_reward
+from tuneforge.train.plots import plot_metric
+
+
+@dataclass
+class PromptItem:
+    """One prompt to sample from: its conversation, token ids and reward columns.
+
+    ``text`` is what a reward function receives as the prompt: the last user message.
+    ``rollout_tokens`` counts the tokens of its latest rollout (prompt + completions), for the
+    throughput figures of the training loop.
+    """
+
+    messages: list[dict]
+    prompt_ids: list[int]
+    text: str
+    columns: dict
+    where: str
+    rollout_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+@dataclass
+class Completion:
+    """One sampled completion of ``prompt``: new token ids (with the stop token when it stopped)."""
+
+    prompt: PromptItem
+    ids: list[int]
+    text: str
+    stopped: bool
+    score: float = 0.0
+
+    def sequence(self) -> TokenizedExample:
+        """Prompt + completion; only the completion tokens are targets."""
+        return TokenizedExample(self.prompt.prompt_ids + self.ids,
+                                [IGNORE_INDEX] * len(self.prompt.prompt_ids) + self.ids)
+
+
+# ------------------------------------------------------------------------------- prompts
+
+
+def load_prompt_splits(config: RunConfig, tokenizer) -> tuple[list[PromptItem], list[PromptItem]]:
+    """Train and validation prompts (data.validation, or data.validation_fraction held out).
+
+    A prompt plus ``rl.max_new_tokens`` must fit ``data.max_length``; longer prompts are an
+    error listing them by file:line, or dropped with ``data.too_long=drop``.
+    """
+    from tuneforge.data.formats import load_prompts
+
+    d = config.data
+    train = [_item(ex, tokenizer) for ex in load_prompts(Path(d.train))]
+    val = [_item(ex, tokenizer) for ex in load_prompts(Path(d.validation))] if d.validation else []
+    if d.validation_fraction:
+        random.Random(config.train.seed).shuffle(train)
+        n_val = max(1, round(len(train) * d.validation_fraction))
+        train, val = train[n_val:], train[:n_val]
+    limit = d.max_length - config.rl.max_new_tokens
+    too_long = [p for p in train + val if len(p) > limit]
+    if too_long and d.too_long == "error":
+        lines = [f"  {p.where}: {len(p)} tokens" for p in too_long[:20]]
+        raise DataError(f"{len(too_long)} prompt(s) longer than data.max_length - "
+                        f"rl.max_new_tokens = {limit} tokens:\n" + "\n".join(lines)
+                        + "\nraise data.max_length, lower rl.max_new_tokens, or set "
+                        "data.too_long=drop")
+    train = [p for p in train if len(p) <= limit]
+    val = [p for p in val if len(p) <= limit]
+    if not train:
+        raise DataError(f"{d.train}: no prompts left to train on")
+    return train, val
+
+
+def _item(example: Example, tokenizer) -> PromptItem:
+    messages = [{"role": m.role, "content": m.content} for m in example.prompt_messages]
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return PromptItem(messages, render_prompt(messages, tokenizer), users[-1] if users else "",
+                      dict(example.extra), example.where)
+
+
+# ------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Sampler:
+    """Samples ``group`` completions per prompt with the policy and scores them.
+
+    Each call draws its generation seed from torch's random stream, which checkpoints save and
+    restore: a resumed run samples what the uninterrupted run would have.
+    """
+
+    tokenizer: object
+    reward_fn: RewardFn
+    rl: RLConfig
+    group: int = 1
+    batch_size: int | None = None
+    """Prompts x group sampled together (None: generation's default)."""
+    on_sample: list[Callable[[list[Completion]], None]] = field(default_factory=list)
+
+    def __call__(self, model: nn.Module, prompts: list[PromptItem]) -> list[Completion]:
+        """``len(prompts) * group`` scored completions; each prompt's group is contiguous."""
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        conversations = [p.messages for p in prompts for _ in range(self.group)]
+        results = generate_batch(
+            model, self.tokenizer, conversations, max_new_tokens=self.rl.max_new_tokens,
+            temperature=self.rl.temperature, top_p=self.rl.top_p, seed=seed,
+            batch_size=self.batch_size, precision=self.rl.generation_precision)
+        completions = [Completion(prompts[i // self.group], r.token_ids, r.text,
+                                  r.finish_reason == "stop") for i, r in enumerate(results)]
+        scores = self.score(completions)
+        for c, s in zip(completions, scores):
+            c.score = s
+        for p in prompts:
+            p.rollout_tokens = 0
+        for c in completions:
+            c.prompt.rollout_tokens += len(c.prompt) + len(c.ids)
+        for hook in self.on_sample:
+            hook(completions)
+        return completions
+
+    def score(self, completions: list[Completion]) -> list[float]:
+        """The reward function's scores, given each completion's prompt text and columns."""
+        keys = sorted({k for c in completions for k in c.prompt.columns})
+        columns = {k: [c.prompt.columns.get(k) for c in completions] for k in keys}
+        return call_reward(self.reward_fn, [c.prompt.text for c in completions],
+                           [c.text for c in completions], columns)
+
+
+def rollout_stats(completions: list[Completion]) -> dict[str, float]:
+    """Means over completions: ``reward``, ``completion_length`` (tokens), ``stopped`` (share
+    that ended at the end-of-turn token rather than at rl.max_new_tokens)."""
+    n = max(1, len(completions))
+    return {"reward": sum(c.score for c in completions) / n,
+            "completion_length": sum(len(c.ids) for c in completions) / n,
+            "stopped": sum(c.stopped for c in completions) / n}
+
+
+# ------------------------------------------------------------------------------- scoring
+
+
+class TokenScores(CausalLMLoss):
+    """Wraps the policy (and PPO's value head) so that ``forward`` scores packed completions.
+
+    ``forward`` returns flat ``[N]`` tensors over the N completion tokens of the packed row, in
+    order: ``logps`` (log-prob of each sampled token, differentiable), ``entropy`` (of the
+    policy at that position, detached) and, with a value head, ``values`` (the value of the
+    state the token was sampled in: the final hidden state one position before it).
+    """
+
+    def __init__(self, model: nn.Module, value_head: nn.Module | None = None,
+                 chunk_size: int = 256) -> None:
+        super().__init__(model, chunk_size)
+        self.value_head = value_head
+
+    def forward(self, input_ids, targets, position_ids=None, attention_mask=None, seq_lens=None):
+        hidden = self.hidden(input_ids, position_ids, attention_mask, seq_lens)
+        keep = targets != IGNORE_INDEX
+        rows, wanted = hidden[keep], targets[keep]
+        head = self.base().get_output_embeddings()
+        logps, entropy = [], []
+        for lo in range(0, rows.shape[0], self.chunk_size):
+            # fp32 log-softmax of one chunk of positions at a time: [chunk, vocabulary]
+            logp = F.log_softmax(head(rows[lo : lo + self.chunk_size]).float(), dim=-1)
+            logps.append(logp.gather(-1, wanted[lo : lo + self.chunk_size, None])[:, 0])
+            with torch.no_grad():
+                entropy.append(-(logp.exp() * logp).sum(-1))
+        out = {"logps": torch.cat(logps), "entropy": torch.cat(entropy)}
+        if self.value_head is not None:
+            out["values"] = self.value_head(rows).squeeze(-1).float()
+        return out
+
+
+def score_tokens(module: nn.Module, completions: list[Completion],
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """One padding-free forward pass over ``completions``; ``[B, T]`` tensors, right-padded.
+
+    Returns the outputs of :class:`TokenScores` reshaped to ``[B, T]`` (``T`` the longest
+    completion) and ``mask`` (1.0 on completion tokens, 0.0 on padding).
+    """
+    packed = pack([c.sequence() for c in completions])
+    flat = module(packed["input_ids"].to(device), packed["targets"].to(device),
+                  position_ids=packed["position_ids"].to(device), seq_lens=packed["seq_lens"])
+    counts = [len(c.ids) for c in completions]
+    out = {k: to_rows(v, counts) for k, v in flat.items()}
+    out["mask"] = to_rows(torch.ones(sum(counts), device=device), counts)
+    return out
+
+
+def to_rows(flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``[sum(counts)]`` -> ``[len(counts), max(counts)]``, each row's values first, then 0."""
+    return nn.utils.rnn.pad_sequence(list(flat.split(counts)), batch_first=True)
+
+
+class Reference:
+    """Log-probs of completions under the reference policy (the model before training).
+
+    With a PEFT adapter it is the trained model with its adapters switched off; with full
+    fine-tuning (or frozen layers) a frozen copy, made when this object is.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.frozen = None
+        if not hasattr(model, "disable_adapter"):
+            self.frozen = TokenScores(copy.deepcopy(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, scores: TokenScores, completions: list[Completion],
+              device: torch.device) -> torch.Tensor:
+        """``[B, T]`` reference log-probs; ``scores`` is the policy's (unwrapped) module."""
+        if self.frozen is not None:
+            return score_tokens(self.frozen.to(device), completions, device)["logps"]
+        was_training = scores.training
+        scores.eval()
+        try:
+            with scores.model.disable_adapter():
+                return score_tokens(scores, completions, device)["logps"]
+        finally:
+            scores.train(was_training)
+
+
+def plot_reward(history: list[dict], path: Path, title: str = "") -> Path | None:
+    """reward.png: mean reward per step (and validation reward) over the run."""
+    return plot_metric(history, "reward", path, ylabel="mean reward", title=title)
+
+
+def reward_summary(history: list[dict], window: int = 5) -> dict:
+    """Mean reward of the first and last ``window`` logged steps (and the last validation)."""
+    rewards = [r["reward"] for r in history if "reward" in r]
+    out = {"reward_first": None, "reward_last": None}
+    if rewards:
+        k = min(window, len(rewards))
+        out = {"reward_first": sum(rewards[:k]) / k, "reward_last": sum(rewards[-k:]) / k}
+    val = [r["val_reward"] for r in history if "val_reward" in r]
+    out["val_reward_last"] = val[-1] if val else None
+    return out
