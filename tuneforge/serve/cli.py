@@ -108,6 +108,9 @@ def _run(models, settings, keys, sock: socket.socket, args) -> None:
     from tuneforge.serve.app import create_app
 
     app = create_app(models, settings, keys)
+    # Listen before saying where: a client that connects at once waits in the backlog until
+    # uvicorn accepts, instead of being refused while uvicorn starts up.
+    sock.listen(2048)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     _say(f"serving {', '.join(models.ids)} on http://{shown}:{port}/v1 "
