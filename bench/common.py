@@ -378,6 +378,37 @@ def best_peak(*peaks: dict | None) -> dict | None:
     return out
 
 
+
+def trl_step_timer():
+    """A transformers TrainerCallback that notes when each optimizer step begins and ends.
+
+    ``timer.step_seconds()`` gives each step's duration: the first from its own begin, the rest
+    from the end of the step before, so that each counts everything the trainer does per step.
+    """
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.begin: list[float] = []
+            self.end: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.end.append(time.perf_counter())
+
+        def step_seconds(self) -> list[float]:
+            ends = self.end
+            return [ends[0] - self.begin[0]] + [ends[i] - ends[i - 1] for i in range(1, len(ends))]
+
+        def timed_since(self, warmup: int) -> float:
+            """Seconds from the end of the last warm-up step to the end of the last step."""
+            start = self.end[warmup - 1] if warmup else self.begin[0]
+            return self.end[-1] - start
+
+    return StepTimer()
+
 def model_shape(model) -> dict:
     """Parameter counts that do matmul work, for :func:`train_flops`.
 

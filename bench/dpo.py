@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.common import (
@@ -41,6 +40,7 @@ from bench.common import (
     report,
     run_worker,
     train_flops,
+    trl_step_timer,
     versions,
     write_results,
 )
@@ -171,7 +171,6 @@ def work_tuneforge(args) -> dict:
 def work_trl(args) -> dict:
     import peft
     from datasets import Dataset
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -194,18 +193,7 @@ def work_trl(args) -> dict:
     lora = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                            target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
 
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.begin: list[float] = []
-            self.end: list[float] = []
-
-        def on_step_begin(self, *a, **k):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            self.end.append(time.perf_counter())
-
-    timer = StepTimer()
+    timer = trl_step_timer()
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         config = DPOConfig(output_dir=tmp, **options)
         trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
@@ -217,19 +205,18 @@ def work_trl(args) -> dict:
     n = len(timer.end)
     if n != args.steps:
         raise RuntimeError(f"expected {args.steps} steps, timed {n}")
-    step_seconds = [timer.end[0] - timer.begin[0]] + [timer.end[i] - timer.end[i - 1] for i in range(1, n)]
+    step_seconds = timer.step_seconds()
     steps = []
     for k in range(n):
         batch = [_pair_stats(data[i]) for i in order[k * args.batch : (k + 1) * args.batch]]
         steps.append({**{key: sum(b[key] for b in batch) for key in batch[0]},
                       "loss": logs[k]["loss"] if k < len(logs) else None, "seconds": step_seconds[k]})
-    start = timer.end[args.warmup - 1] if args.warmup else timer.begin[0]
     recorded = {"bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing,
                 "precompute_ref_log_probs": config.precompute_ref_log_probs,
                 "padding_free": bool(getattr(trainer, "padding_free", False)),
                 "loss_type": config.loss_type}
     accuracy = logs[-1].get("rewards/accuracies") if logs else None
-    return _summarise(args, shape, steps, timer.end[-1] - start,
+    return _summarise(args, shape, steps, timer.timed_since(args.warmup),
                       {"options": recorded, "final_reward_accuracy": accuracy})
 
 

@@ -43,6 +43,7 @@ from bench.common import (
     report,
     run_worker,
     train_flops,
+    trl_step_timer,
     versions,
     write_results,
 )
@@ -183,7 +184,6 @@ class _CountingCollator:
 def work_trl(args) -> dict:
     import peft
     from datasets import Dataset
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -220,18 +220,7 @@ def work_trl(args) -> dict:
                                       lora_dropout=LORA["dropout"],
                                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
 
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.begin: list[float] = []
-            self.end: list[float] = []
-
-        def on_step_begin(self, *a, **k):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            self.end.append(time.perf_counter())
-
-    timer = StepTimer()
+    timer = trl_step_timer()
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
         config = SFTConfig(output_dir=tmp, **options)
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
@@ -247,13 +236,12 @@ def work_trl(args) -> dict:
     n = len(timer.end)
     if n != args.steps or len(counter.batches) < n:
         raise RuntimeError(f"expected {args.steps} steps, timed {n} with {len(counter.batches)} batches")
-    step_seconds = [timer.end[0] - timer.begin[0]] + [timer.end[i] - timer.end[i - 1] for i in range(1, n)]
+    step_seconds = timer.step_seconds()
     steps = [{**counter.batches[i], "loss": losses[i] if i < len(losses) else None,
               "seconds": step_seconds[i]} for i in range(n)]
     # from the end of the last warm-up step to the end of the last step: everything the training
     # loop does per step (fetching and collating the batch, forward, backward, optimizer, logging)
-    start = timer.end[args.warmup - 1] if args.warmup else timer.begin[0]
-    seconds = timer.end[-1] - start
+    seconds = timer.timed_since(args.warmup)
     recorded = {k: options[k] for k in ("bf16",) if k in options}
     recorded.update(packing=config.packing, packing_strategy=config.packing_strategy if config.packing else None,
                     padding_free=bool(getattr(trainer, "padding_free", False)),
