@@ -1,6 +1,6 @@
 """Every benchmark, one after the other, then one combined table (``make bench`` runs this).
 
-    python -m bench.run_all                       # sft lora, sft full, generate (if present)
+    python -m bench.run_all                       # sft lora, sft full, dpo, generate, serve
     python -m bench.run_all --steps 3 --warmup 1  # a quick smoke run of the same
 
 The matmul peak is measured once and handed to every benchmark (``--peak-file``). Each benchmark
@@ -35,6 +35,7 @@ COMBINED: list[Column] = [
     ("bench", "bench", ""),
     ("contender", "contender", ""),
     ("tokens_per_s", "tok/s", ".1f"),
+    ("pairs_per_s", "pairs/s", ".2f"),  # bench/dpo.py
     ("trained_tokens_per_s", "trained tok/s", ".1f"),
     ("peak_rss_gb", "peak RSS GB", ".2f"),
     ("final_loss", "final loss", ".4f"),
@@ -54,6 +55,11 @@ def benches(args, peak_file: Path | None) -> list[tuple[str, list[str]]]:
         sft_args += ["--peak-file", str(peak_file)]
     out = [("sft-lora", ["-m", "bench.sft", "--method", "lora", *sft_args]),
            ("sft-full", ["-m", "bench.sft", "--method", "full", *sft_args])]
+    # DPO keeps its own steps and batch (pairs): TRL's DPOTrainer is slow on a CPU
+    dpo_args = ["--warmup", str(min(args.warmup, 1))]
+    if peak_file is not None:
+        dpo_args += ["--peak-file", str(peak_file)]
+    out.append(("dpo", ["-m", "bench.dpo", *dpo_args]))
     if (ROOT / "bench" / "generate.py").is_file():  # its own defaults; writes runs/bench/generate-*.json
         out.append(("generate", ["-m", "bench.generate"]))
     # its own defaults; writes runs/bench/serve-*.json (rows with tokens_per_s and speedup)
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--contenders", default=None, help="for the sft benchmarks (default: theirs)")
-    p.add_argument("--only", default=None, help="comma-separated: sft-lora, sft-full, generate, serve")
+    p.add_argument("--only", default=None, help="comma-separated: sft-lora, sft-full, dpo, generate, serve")
     p.add_argument("--peak-sizes", default="2048,4096", help="'none' to skip the matmul peak")
     args = p.parse_args(argv)
 
@@ -117,7 +123,7 @@ def main(argv=None) -> int:
         for dtype, key in (("float32", "mfu_fp32_pct"), ("bfloat16", "mfu_bf16_pct")):
             scale = before[dtype]["gflops"] / peak[dtype]["gflops"]
             for row in rows:
-                if row["bench"] in ("sft-lora", "sft-full") and row.get(key) is not None:
+                if row["bench"] in ("sft-lora", "sft-full", "dpo") and row.get(key) is not None:
                     row[key] *= scale
         print(f"matmul peak ({peak['threads']} threads, best of before and after): "
               f"fp32 {peak['float32']['gflops']:.1f} GFLOP/s, bf16 {peak['bfloat16']['gflops']:.1f} GFLOP/s")
