@@ -1,0 +1,302 @@
+"""Proximal policy optimisation from a reward (PPO, as in Ziegler et al. 2019 / InstructGPT).
+
+config -> prompts (data.train, with the columns the reward reads) -> load model -> adapter /
+freeze -> value head -> for each rollout: sample completions with the current policy, score
+them with the reward function, per-token rewards = score on the last token minus
+``rl.kl_coef`` x KL to the reference, GAE advantages and returns from the value head ->
+``rl.ppo_epochs`` passes over ``rl.minibatches`` minibatches of the rollout, each an optimizer
+step on the clipped surrogate plus ``rl.vf_coef`` x the clipped value loss -> save adapter or
+model with ``value_head.safetensors`` next to it, loss and reward curves, summary.
+
+Why a loop of its own: the shared loop (train/loop.py) takes one optimizer step per global
+batch, while PPO takes ``ppo_epochs x minibatches`` steps on each rollout, from log-probs and
+values frozen when the rollout was made. The pieces are the shared ones: the data order
+(:func:`global_batches`), AdamW and the schedule, accelerate, checkpoints, metrics.jsonl and
+the progress bar.
+
+Units: a logged ``step`` is one rollout (``train.batch_size x train.grad_accum`` prompts per
+process, ``rl.num_generations`` completions each); ``train.max_steps`` counts rollouts; the
+learning-rate schedule runs over the optimizer updates (``optimizer_steps`` in the log).
+Advantages are whitened per process's rollout. The value head is ``Linear(hidden, 1)`` on the
+policy's final hidden states, sharing the trunk (and the adapter) with the policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tuneforge.config import RLConfig, RunConfig
+from tuneforge.losses.rl import (
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from tuneforge.models.attention import use_packed_attention
+from tuneforge.models.loading import load_tokenizer
+from tuneforge.recipes.common import check_run_dir, finish_run, say, setup_model
+from tuneforge.recipes.rollouts import (
+    Completion,
+    PromptItem,
+    Reference,
+    Sampler,
+    TokenScores,
+    load_prompt_splits,
+    plot_reward,
+    reward_summary,
+    rollout_stats,
+    score_tokens,
+)
+from tuneforge.rewards import load_reward_fn
+from tuneforge.train import checkpoint as ckpt
+from tuneforge.train.loop import (
+    TrainResult,
+    _read_metrics,
+    _truncate_metrics,
+    global_batches,
+    lr_lambda,
+    make_optimizer,
+    total_steps,
+    use_bf16,
+)
+from tuneforge.train.progress import Progress
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def make_value_head(model: nn.Module) -> nn.Linear:
+    """``Linear(hidden, 1)`` in fp32, small random weights from a fixed seed, zero bias."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.config.hidden_size
+    head = nn.Linear(hidden, 1, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # the same head for every process and rerun
+        torch.manual_seed(0)
+        nn.init.normal_(head.weight, std=0.1 * hidden**-0.5)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def save_value_head(head: nn.Linear, folder: Path) -> dict:
+    """Write the value head next to the adapter/model; returns its tuneforge.json entries."""
+    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+               "bias": head.bias.detach().float().cpu().contiguous()}, str(folder / VALUE_HEAD_FILE))
+    return {"value_head": VALUE_HEAD_FILE, "hidden_size": head.in_features}
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Completions of one rollout and what the updates need of them, frozen: ``[B, T]`` each."""
+
+    completions: list[Completion]
+    logps: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor
+    stats: dict[str, float]
+
+
+class PPO:
+    """The policy with its value head, the reference, the sampler; rollouts and updates."""
+
+    def __init__(self, model: nn.Module, tokenizer, reward_fn, rl: RLConfig) -> None:
+        use_packed_attention(model)  # before a full fine-tuning reference copies the model
+        self.rl = rl
+        self.reference = Reference(model)
+        self.module = TokenScores(model, make_value_head(model))
+        self.sampler = Sampler(tokenizer, reward_fn, rl, group=rl.num_generations or 1)
+
+    @torch.no_grad()
+    def rollout(self, wrapper: nn.Module, prompts: list[PromptItem], device: torch.device,
+                autocast) -> Rollout:
+        """Sample, score, and compute the frozen log-probs, values, advantages and returns."""
+        completions = self.sampler(self.module.model, prompts)
+        wrapper.eval()
+        with autocast():
+            scored = score_tokens(wrapper, completions, device)
+            ref = self.reference.logps(self.module, completions, device)
+        mask, logps, values = scored["mask"], scored["logps"].float(), scored["values"].float()
+        scores = torch.tensor([c.score for c in completions], device=device)
+        rewards, kl_stats = kl_penalized_rewards(scores, logps, ref.float(), mask, self.rl.kl_coef)
+        advantages, returns = gae(rewards, values, mask, self.rl.gamma, self.rl.lam)
+        if self.rl.whiten_advantages and mask.sum() > 1:
+            advantages = masked_whiten(advantages, mask)
+        stats = rollout_stats(completions)
+        stats.update({"kl": float(kl_stats["kl"]), "non_score_reward": float(kl_stats["non_score_reward"]),
+                      "entropy": float(masked_mean(scored["entropy"], mask)),
+                      "value_mean": float(masked_mean(values, mask))})
+        return Rollout(completions, logps, values, advantages, returns, mask, stats)
+
+    def minibatch_loss(self, wrapper: nn.Module, ro: Rollout,
+                       index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped surrogate + ``vf_coef`` x clipped value loss on the completions ``index``."""
+        out = score_tokens(wrapper, [ro.completions[i] for i in index.tolist()], ro.mask.device)
+        width = out["mask"].shape[1]  # the minibatch's longest completion
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x[index, :width]
+
+        mask = out["mask"]
+        policy_loss, pm = ppo_policy_loss(out["logps"].float(), pick(ro.logps), pick(ro.advantages),
+                                          mask, self.rl.clip_range)
+        value_loss, vm = ppo_value_loss(out["values"].float(), pick(ro.values), pick(ro.returns),
+                                        mask, self.rl.clip_range_value)
+        loss = policy_loss + self.rl.vf_coef * value_loss
+        metrics = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), **pm, **vm}
+        return loss, metrics
+
+
+def run_ppo(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run one PPO job; returns the summary also written to summary.json."""
+    run_dir = Path(config.output_dir)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    reward_fn = load_reward_fn(config.rl.reward)
+    tokenizer = load_tokenizer(config.model.name)
+    train_set, val_set = load_prompt_splits(config, tokenizer)
+
+    model, tokenizer, acc, params = setup_model(config, run_dir, resume=resume)
+    ppo = PPO(model, tokenizer, reward_fn, config.rl)
+    params = params | {"value_head": sum(p.numel() for p in ppo.module.value_head.parameters())}
+    if acc.is_main_process:
+        say(f"{len(train_set)} train / {len(val_set)} validation prompts, "
+            f"{ppo.sampler.group} completion(s) each; reward {config.rl.reward}; "
+            f"{config.rl.ppo_epochs} epoch(s) x {config.rl.minibatches} minibatch(es) per rollout; "
+            f"training {params['trainable']:,} of {params['total']:,} parameters "
+            f"({config.adapter.method}) + value head on {acc.device} x{acc.num_processes}")
+    result = ppo_loop(ppo, train_set, val_set, config, run_dir, acc, resume=resume)
+    if acc.is_main_process:
+        plot_reward(result.history, run_dir / "reward.png",
+                    title=f"{config.model.name} ppo: reward {config.rl.reward}")
+    extra = reward_summary(result.history) | {
+        "reward_fn": config.rl.reward, "num_generations": ppo.sampler.group,
+        "ppo_epochs": config.rl.ppo_epochs, "minibatches": config.rl.minibatches}
+    return finish_run(model, tokenizer, config, run_dir, result, acc, params, len(train_set),
+                      len(val_set), save_extra=lambda folder: save_value_head(ppo.module.value_head, folder),
+                      **extra)
+
+
+def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], config: RunConfig,
+             run_dir: Path, acc, *, resume: bool = False) -> TrainResult:
+    """Rollouts and PPO updates; writes metrics.jsonl and checkpoints/ under ``run_dir``."""
+    cfg, rl = config.train, config.rl
+    world, rank = acc.num_processes, acc.process_index
+    torch.manual_seed(cfg.seed + rank)
+    rollouts = total_steps(len(train_set), cfg, world)
+    updates_per_rollout = rl.ppo_epochs * rl.minibatches
+    optimizer = make_optimizer(ppo.module, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg, rollouts * updates_per_rollout))
+    wrapper, optimizer = acc.prepare(ppo.module, optimizer)
+    bf16 = use_bf16(cfg.bf16, acc.device)
+    autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    state = {"tokens": 0, "trained_tokens": 0, "optimizer_steps": 0, "seconds": 0.0}
+    start = 0
+    if resume and (latest := ckpt.latest_checkpoint(ckpt_root)) is not None:
+        saved = ckpt.load_checkpoint(latest, model=acc.unwrap_model(wrapper), optimizer=optimizer,
+                                     rank=rank)
+        scheduler.load_state_dict(saved["scheduler"])
+        state.update({k: saved[k] for k in state})
+        start = saved["step"]
+        if acc.is_main_process:
+            _truncate_metrics(metrics_path, start)
+            print(f"tuneforge: resumed from {latest} (rollout {start}/{rollouts})",
+                  file=sys.stderr, flush=True)
+    elif acc.is_main_process and metrics_path.exists():
+        metrics_path.unlink()
+    history = _read_metrics(metrics_path) if acc.is_main_process else []
+
+    def log(record: dict) -> None:
+        if acc.is_main_process:
+            history.append(record)
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    per_process = cfg.batch_size * cfg.grad_accum
+    batches = global_batches(len(train_set), per_process * world, cfg.seed, start)
+    progress = Progress(rollouts, start, enabled=cfg.progress and acc.is_main_process)
+    t_start = time.perf_counter() - state["seconds"]
+    step, last_loss = start, None
+    for step in range(start + 1, rollouts + 1):
+        t0 = time.perf_counter()
+        indices = next(batches)[rank * per_process : (rank + 1) * per_process]
+        ro = ppo.rollout(wrapper, [train_set[i] for i in indices], acc.device, autocast)
+        wrapper.train()
+        sums: dict[str, float] = {}
+        for _ in range(rl.ppo_epochs):
+            order = torch.randperm(len(ro.completions), device=acc.device)
+            for index in order.chunk(rl.minibatches):
+                with autocast():
+                    loss, metrics = ppo.minibatch_loss(wrapper, ro, index)
+                acc.backward(loss)
+                if cfg.max_grad_norm:
+                    metrics["grad_norm"] = acc.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                metrics["loss"] = loss.detach()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                sums["updates"] = sums.get("updates", 0.0) + 1
+        updates = sums.pop("updates")
+        # means over this process's updates and rollout, then over processes
+        means = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean"))
+                 for k, v in sorted(({k: v / updates for k, v in sums.items()} | ro.stats).items())}
+        last_loss = means["loss"]
+        prompts = {id(c.prompt): c.prompt for c in ro.completions}.values()
+        counts = torch.tensor([sum(p.rollout_tokens for p in prompts), float(ro.mask.sum())],
+                              device=acc.device)
+        step_tokens, trained = (int(x) for x in acc.reduce(counts, "sum").tolist())
+        state["tokens"] += step_tokens
+        state["trained_tokens"] += trained
+        state["optimizer_steps"] += int(updates)
+        state["seconds"] = time.perf_counter() - t_start
+        record = {"step": step, "epoch": round(step * per_process * world / len(train_set), 4),
+                  "optimizer_steps": state["optimizer_steps"], "lr": scheduler.get_last_lr()[0],
+                  **means, "tokens": step_tokens, "trained_tokens": trained,
+                  "tokens_per_s": step_tokens / (time.perf_counter() - t0),
+                  "elapsed_s": state["seconds"]}
+        if step % cfg.log_every == 0 or step == rollouts:
+            log(record)
+        progress.update(step, last_loss, record["tokens_per_s"])
+
+        if val_set and ((cfg.eval_every and step % cfg.eval_every == 0) or step == rollouts):
+            val_reward = validation_reward(ppo, val_set, cfg.batch_size, acc)
+            log({"step": step, "val_reward": val_reward})
+            progress.note(f"step {step}: val_reward {val_reward:.4f}")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == rollouts:
+            ckpt.save_checkpoint(ckpt_root, step, model=acc.unwrap_model(wrapper),
+                                 optimizer=optimizer,
+                                 state={**state, "scheduler": scheduler.state_dict()},
+                                 rank=rank, barrier=acc.wait_for_everyone)
+            if acc.is_main_process:
+                ckpt.prune_checkpoints(ckpt_root, cfg.keep_last, set())
+    progress.close()
+    acc.wait_for_everyone()
+    return TrainResult(steps=step, final_loss=last_loss, best_metric=None, best_step=None,
+                       stopped_early=False, trained_tokens=state["trained_tokens"],
+                       tokens=state["tokens"], seconds=state["seconds"], history=history)
+
+
+def validation_reward(ppo: PPO, val_set: list[PromptItem], batch_size: int, acc) -> float:
+    """Mean reward of greedy completions of the validation prompts (sharded over processes)."""
+    greedy = dataclasses.replace(ppo.sampler, rl=dataclasses.replace(ppo.rl, temperature=0.0),
+                                 group=1, on_sample=[])
+    mine = val_set[acc.process_index :: acc.num_processes]
+    total = 0.0
+    for lo in range(0, len(mine), batch_size):
+        total += sum(c.score for c in greedy(ppo.module.model, mine[lo : lo + batch_size]))
+    summed = acc.reduce(torch.tensor([total, float(len(mine))], device=acc.device), "sum")
+    return float(summed[0] / summed[1].clamp(min=1))
