@@ -21,7 +21,8 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,25 @@ from tuneforge.train.objectives import CausalLMObjective, Objective
 from tuneforge.train.progress import Progress
 
 MetricsFn = Callable[[torch.nn.Module], dict[str, float]]
+EvalHook = Callable[[int, dict[str, float]], bool | None]
+"""``on_eval(step, val_metrics)``, called after each validation; returning True stops training
+there, as early stopping does (the best checkpoint is restored, the run folder completed)."""
+
+_EVAL_HOOK: ContextVar[EvalHook | None] = ContextVar("tuneforge_eval_hook", default=None)
+
+
+@contextmanager
+def eval_hook(fn: EvalHook) -> Iterator[None]:
+    """Make ``fn`` the ``on_eval`` of every :func:`train` called inside this block.
+
+    This is how a sweep sees each trial's validation results (to prune it) through any recipe,
+    without the recipes knowing about sweeps.
+    """
+    token = _EVAL_HOOK.set(fn)
+    try:
+        yield
+    finally:
+        _EVAL_HOOK.reset(token)
 
 
 @dataclass
@@ -173,15 +193,19 @@ def train(
     accelerator: Accelerator | None = None,
     objective: Objective | None = None,
     metrics_fn: MetricsFn | None = None,
+    on_eval: EvalHook | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; writes metrics.jsonl and checkpoints/ under ``run_dir``.
 
     ``objective`` turns micro-batches of ``train_set``/``val_set`` items into a loss (default:
     next-token loss on tokenized examples). ``metrics_fn(model)``, if given, runs at each
     validation and its results are logged as ``val_<name>``; ``cfg.metric_for_best`` picks
-    the validation figure that decides the best checkpoint and early stopping.
+    the validation figure that decides the best checkpoint and early stopping. ``on_eval``
+    (default: the one set by :func:`eval_hook`) sees each validation's metrics and may stop
+    the run.
     """
     acc = accelerator or make_accelerator()
+    on_eval = on_eval or _EVAL_HOOK.get()
     world, rank = acc.num_processes, acc.process_index
     torch.manual_seed(cfg.seed + rank)
     steps = total_steps(len(train_set), cfg, world)
@@ -224,6 +248,7 @@ def train(
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     minimise = lower_is_better(cfg.metric_for_best)
     stopped_early = False
+    stop_note = ""
     last_loss = None
     step = start_step
     t_start = time.perf_counter() - state["seconds"]
@@ -297,13 +322,16 @@ def train(
                           + (" (best)" if improved else ""))
             patience = cfg.early_stopping_patience
             stopped_early = bool(patience and state["bad_evals"] >= patience and step < steps)
+            stop_note = (f"no improvement of {cfg.metric_for_best} in {patience} evaluations"
+                         if stopped_early else "")
+            if on_eval is not None and on_eval(step, val) and step < steps:
+                stopped_early, stop_note = True, "stopped by the on_eval hook (e.g. a sweep's pruner)"
 
         periodic = cfg.save_every and step % cfg.save_every == 0
         if periodic or improved or step == steps or stopped_early:
             _save(acc, wrapper, optimizer, scheduler, state, ckpt_root, step, cfg.keep_last)
         if stopped_early:
-            progress.note(f"early stopping at step {step}: no improvement of "
-                          f"{cfg.metric_for_best} in {cfg.early_stopping_patience} evaluations")
+            progress.note(f"early stopping at step {step}: {stop_note}")
             break
     progress.close()
 
