@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_score(sub)
 
+    from tuneforge.experiments.cli import register as register_experiments
+
+    register_experiments(sub)  # sweep, curve
+
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
