@@ -100,6 +100,24 @@ def test_first_ppo_update_sees_the_rollouts_own_log_probs(tmp_path):
         assert r["approx_kl"] == pytest.approx(0.0, abs=1e-6) and r["clipfrac"] == 0.0
 
 
+def test_resumed_ppo_run_continues_the_same_trajectory(tmp_path):
+    """A checkpoint holds the adapter, the value head, AdamW and the RNG (which seeds sampling):
+    4 rollouts straight equal 2, then 2 more resumed from the step-2 checkpoint."""
+    settings = ["train.batch_size=4", "train.lr=1e-2", "train.save_every=2", "rl.max_new_tokens=6"]
+    straight = rl_config(tmp_path, "ppo", "train.max_steps=4", *settings)
+    run_recipe(straight)
+    resumed = rl_config(tmp_path, "ppo", "train.max_steps=2", f"output_dir={tmp_path / 'resumed'}",
+                        *settings)
+    run_recipe(resumed)
+    resumed.train.max_steps = 4
+    run_recipe(resumed, resume=True)
+    keys = ("reward", "kl", "loss", "value_loss", "completion_length")
+    want = [r[k] for r in metrics(tmp_path / "ppo") for k in keys]
+    got = [r[k] for r in metrics(tmp_path / "resumed") for k in keys]
+    assert len(got) == 4 * len(keys) and got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert want[2 * len(keys) :] != want[: 2 * len(keys)]
+
+
 def test_grpo_raises_the_reward_and_writes_its_run_folder(tmp_path):
     config = rl_config(tmp_path, "grpo", "adapter.method=full", "train.lr=3e-3",
                        "train.batch_size=4", "train.max_steps=20", "rl.num_generations=4")

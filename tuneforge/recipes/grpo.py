@@ -21,20 +21,18 @@ from torch import nn
 from tuneforge.config import RLConfig, RunConfig
 from tuneforge.losses.rl import grpo_advantages, grpo_loss, masked_mean
 from tuneforge.models.attention import use_packed_attention
-from tuneforge.models.loading import load_tokenizer
-from tuneforge.recipes.common import check_run_dir, finish_run, say, setup_model
+from tuneforge.recipes.common import say
 from tuneforge.recipes.rollouts import (
     PromptItem,
     Reference,
     Sampler,
     TokenScores,
-    load_prompt_splits,
-    plot_reward,
-    reward_summary,
+    finish_online_run,
     rollout_stats,
     score_tokens,
+    start_online_run,
 )
-from tuneforge.rewards import RewardFn, load_reward_fn
+from tuneforge.rewards import RewardFn
 from tuneforge.train.loop import train
 
 DEFAULT_GROUP = 4
@@ -92,26 +90,15 @@ class GRPOObjective:
 
 def run_grpo(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one GRPO job; returns the summary also written to summary.json."""
-    run_dir = Path(config.output_dir)
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    reward_fn = load_reward_fn(config.rl.reward)
-    tokenizer = load_tokenizer(config.model.name)
-    train_set, val_set = load_prompt_splits(config, tokenizer)
-
-    model, tokenizer, acc, params = setup_model(config, run_dir, resume=resume)
+    reward_fn, train_set, val_set, model, tokenizer, acc, params = start_online_run(
+        config, resume=resume, overwrite=overwrite)
     objective = GRPOObjective(model, tokenizer, reward_fn, config.rl)
     if acc.is_main_process:
         say(f"{len(train_set)} train / {len(val_set)} validation prompts, {objective.group} "
             f"completions each; reward {config.rl.reward}; training {params['trainable']:,} of "
             f"{params['total']:,} parameters ({config.adapter.method}) on {acc.device} "
             f"x{acc.num_processes}")
-    result = train(model, train_set, val_set, config.train, run_dir, resume=resume,
-                   accelerator=acc, objective=objective)
-    if acc.is_main_process:
-        plot_reward(result.history, run_dir / "reward.png",
-                    title=f"{config.model.name} grpo: reward {config.rl.reward}")
-    extra = reward_summary(result.history) | {"reward_fn": config.rl.reward,
-                                              "num_generations": objective.group}
-    return finish_run(model, tokenizer, config, run_dir, result, acc, params,
-                      len(train_set), len(val_set), **extra)
-
+    result = train(model, train_set, val_set, config.train, Path(config.output_dir),
+                   resume=resume, accelerator=acc, objective=objective)
+    return finish_online_run(model, tokenizer, config, result, acc, params, len(train_set),
+                             len(val_set), num_generations=objective.group)

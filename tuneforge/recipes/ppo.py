@@ -44,21 +44,18 @@ from tuneforge.losses.rl import (
     ppo_value_loss,
 )
 from tuneforge.models.attention import use_packed_attention
-from tuneforge.models.loading import load_tokenizer
-from tuneforge.recipes.common import check_run_dir, finish_run, say, setup_model
+from tuneforge.recipes.common import say
 from tuneforge.recipes.rollouts import (
     Completion,
     PromptItem,
     Reference,
     Sampler,
     TokenScores,
-    load_prompt_splits,
-    plot_reward,
-    reward_summary,
+    finish_online_run,
     rollout_stats,
     score_tokens,
+    start_online_run,
 )
-from tuneforge.rewards import load_reward_fn
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.loop import (
     TrainResult,
@@ -159,31 +156,21 @@ class PPO:
 
 def run_ppo(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one PPO job; returns the summary also written to summary.json."""
-    run_dir = Path(config.output_dir)
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    reward_fn = load_reward_fn(config.rl.reward)
-    tokenizer = load_tokenizer(config.model.name)
-    train_set, val_set = load_prompt_splits(config, tokenizer)
-
-    model, tokenizer, acc, params = setup_model(config, run_dir, resume=resume)
+    reward_fn, train_set, val_set, model, tokenizer, acc, params = start_online_run(
+        config, resume=resume, overwrite=overwrite)
     ppo = PPO(model, tokenizer, reward_fn, config.rl)
-    params = params | {"value_head": sum(p.numel() for p in ppo.module.value_head.parameters())}
+    rl = config.rl
     if acc.is_main_process:
-        say(f"{len(train_set)} train / {len(val_set)} validation prompts, "
-            f"{ppo.sampler.group} completion(s) each; reward {config.rl.reward}; "
-            f"{config.rl.ppo_epochs} epoch(s) x {config.rl.minibatches} minibatch(es) per rollout; "
-            f"training {params['trainable']:,} of {params['total']:,} parameters "
-            f"({config.adapter.method}) + value head on {acc.device} x{acc.num_processes}")
-    result = ppo_loop(ppo, train_set, val_set, config, run_dir, acc, resume=resume)
-    if acc.is_main_process:
-        plot_reward(result.history, run_dir / "reward.png",
-                    title=f"{config.model.name} ppo: reward {config.rl.reward}")
-    extra = reward_summary(result.history) | {
-        "reward_fn": config.rl.reward, "num_generations": ppo.sampler.group,
-        "ppo_epochs": config.rl.ppo_epochs, "minibatches": config.rl.minibatches}
-    return finish_run(model, tokenizer, config, run_dir, result, acc, params, len(train_set),
-                      len(val_set), save_extra=lambda folder: save_value_head(ppo.module.value_head, folder),
-                      **extra)
+        say(f"{len(train_set)} train / {len(val_set)} validation prompts, {ppo.sampler.group} "
+            f"completion(s) each; reward {rl.reward}; {rl.ppo_epochs} epoch(s) x "
+            f"{rl.minibatches} minibatch(es) per rollout; training {params['trainable']:,} of "
+            f"{params['total']:,} parameters ({config.adapter.method}) + value head on "
+            f"{acc.device} x{acc.num_processes}")
+    result = ppo_loop(ppo, train_set, val_set, config, Path(config.output_dir), acc, resume=resume)
+    return finish_online_run(
+        model, tokenizer, config, result, acc, params, len(train_set), len(val_set),
+        save_extra=lambda folder: save_value_head(ppo.module.value_head, folder),
+        num_generations=ppo.sampler.group, ppo_epochs=rl.ppo_epochs, minibatches=rl.minibatches)
 
 
 def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], config: RunConfig,

@@ -11,6 +11,9 @@ tensors, the shapes tuneforge.losses.rl takes.
 The reference policy (:class:`Reference`) is the model with its adapters switched off, never a
 second copy in memory; only full fine-tuning, which has no frozen weights to fall back on, keeps
 a frozen copy.
+
+:func:`start_online_run` and :func:`finish_online_run` are the first and last lines both
+recipes share (run folder, reward, prompts, model; reward.png and the reward summary).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from tuneforge.data.render import IGNORE_INDEX, TokenizedExample, render_prompt
 from tuneforge.errors import DataError
 from tuneforge.generation import generate_batch
 from tuneforge.losses.causal_lm import CausalLMLoss
-from tuneforge.rewards import RewardFn, call_reward
+from tuneforge.models.loading import load_tokenizer
+from tuneforge.recipes.common import check_run_dir, finish_run, setup_model
+from tuneforge.rewards import RewardFn, call_reward, load_reward_fn
 from tuneforge.train.plots import plot_metric
 
 
@@ -103,6 +108,30 @@ def load_prompt_splits(config: RunConfig, tokenizer) -> tuple[list[PromptItem], 
     if not train:
         raise DataError(f"{d.train}: no prompts left to train on")
     return train, val
+
+
+def start_online_run(config: RunConfig, *, resume: bool, overwrite: bool):
+    """The opening of the online recipes: check the run folder, load the reward function and the
+    prompts, set up the model. Returns ``(reward_fn, train prompts, validation prompts, model,
+    tokenizer, accelerator, parameter counts)``."""
+    check_run_dir(Path(config.output_dir), resume=resume, overwrite=overwrite)
+    reward_fn = load_reward_fn(config.rl.reward)
+    train_set, val_set = load_prompt_splits(config, load_tokenizer(config.model.name))
+    model, tokenizer, acc, params = setup_model(config, Path(config.output_dir), resume=resume)
+    return reward_fn, train_set, val_set, model, tokenizer, acc, params
+
+
+def finish_online_run(model, tokenizer, config: RunConfig, result, acc, params: dict,
+                      n_train: int, n_val: int, save_extra: Callable | None = None,
+                      **extra) -> dict:
+    """reward.png, the reward figures of the summary, then :func:`finish_run`."""
+    run_dir = Path(config.output_dir)
+    if acc.is_main_process:
+        plot_reward(result.history, run_dir / "reward.png",
+                    title=f"{config.model.name} {config.recipe}: reward {config.rl.reward}")
+    extra = reward_summary(result.history) | {"reward_fn": config.rl.reward} | extra
+    return finish_run(model, tokenizer, config, run_dir, result, acc, params, n_train, n_val,
+                      save_extra, **extra)
 
 
 def _item(example: Example, tokenizer) -> PromptItem:
