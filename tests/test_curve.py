@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from eval_helpers import write_splits
 
@@ -17,12 +16,7 @@ from tuneforge.experiments.curve import PowerLaw, assess, fit_power_law, run_cur
 SIZES = [40, 80, 160, 320, 640, 1280]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("a, b, c, increasing", [(0.92, 0.8, 0.45, True), (1.2, 3.0, 0.3, False),

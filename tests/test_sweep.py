@@ -14,26 +14,19 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
 from eval_helpers import write_splits
 
 from tuneforge.cli import main
 from tuneforge.config import load_config
-from tuneforge.experiments.space import load_space
+from tuneforge.experiments.space import check_space_against_config, load_space
 from tuneforge.experiments.sweep import run_sweep
 
 TEMPLATE = {"system": "Route the ticket.", "user": "Ticket: {text}", "assistant": "Team: {label}"}
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more only fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_config(tmp: Path, **train) -> Path:
@@ -55,6 +48,13 @@ def space_file(tmp: Path, text: str, name: str = "space.yaml") -> Path:
     path = tmp / name
     path.write_text(text)
     return path
+
+
+def sweep(tmp: Path, config: Path, space: str, name: str, **kw) -> tuple[dict, Path]:
+    """Run a sweep of ``config`` over the search space ``space`` into ``tmp/name``."""
+    out = tmp / name
+    return run_sweep(config, load_space(space_file(tmp, space, f"{name}.yaml")), output_dir=out,
+                     **kw), out
 
 
 def study_of(sweep_dir: Path) -> optuna.Study:
@@ -103,11 +103,9 @@ def test_grid_covers_the_grid_exactly_and_writes_the_best_config(tmp_path):
 def test_median_pruner_stops_poor_trials_early(tmp_path):
     config = base_config(tmp_path, max_steps=4)
     # a good learning rate first; two that barely move fall behind it at the first validation
-    space = load_space(space_file(tmp_path, "objective: val_loss\nsampler: grid\n"
-                                  "pruner: {type: median, startup_trials: 1}\n"
-                                  "params:\n  train.lr: [3.0e-2, 1.0e-6, 2.0e-6]\n"))
-    out = tmp_path / "prune"
-    summary = run_sweep(config, space, output_dir=out)
+    summary, out = sweep(tmp_path, config, "objective: val_loss\nsampler: grid\n"
+                         "pruner: {type: median, startup_trials: 1}\n"
+                         "params:\n  train.lr: [3.0e-2, 1.0e-6, 2.0e-6]\n", "prune")
     trials = study_of(out).get_trials()
     assert trials[0].state.name == "COMPLETE"
     pruned = [t for t in trials if t.state.name == "PRUNED"]
@@ -124,11 +122,9 @@ def test_median_pruner_stops_poor_trials_early(tmp_path):
 
 def test_failing_trials_are_recorded_with_their_reason_and_the_sweep_goes_on(tmp_path):
     config = base_config(tmp_path)
-    space = load_space(space_file(tmp_path, "objective: val_accuracy\nsampler: grid\npruner: none\n"
-                                  "params:\n  train.lr: [1.0e-2, 1.0e+30]\n"
-                                  "  data.max_length: [512, 8]\n"))
-    out = tmp_path / "fail"
-    summary = run_sweep(config, space, output_dir=out)
+    summary, out = sweep(tmp_path, config, "objective: val_accuracy\nsampler: grid\npruner: none\n"
+                         "params:\n  train.lr: [1.0e-2, 1.0e+30]\n  data.max_length: [512, 8]\n",
+                         "fail")
     by_params = {(t.params["train.lr"], t.params["data.max_length"]): t
                  for t in study_of(out).get_trials()}
     assert by_params[(1e-2, 512)].state.name == "COMPLETE"
@@ -144,11 +140,9 @@ def test_failing_trials_are_recorded_with_their_reason_and_the_sweep_goes_on(tmp
 
 def test_two_worker_processes_share_one_study_without_duplicate_or_lost_trials(tmp_path):
     config = base_config(tmp_path, max_steps=2)
-    space = load_space(space_file(tmp_path, "objective: val_loss\nsampler: grid\npruner: none\n"
-                                  "params:\n  train.lr: [1.0e-3, 1.0e-2, 3.0e-2]\n"
-                                  "  adapter.r: [2, 4]\n"))
-    out = tmp_path / "two"
-    summary = run_sweep(config, space, output_dir=out, workers=2)
+    summary, out = sweep(tmp_path, config, "objective: val_loss\nsampler: grid\npruner: none\n"
+                         "params:\n  train.lr: [1.0e-3, 1.0e-2, 3.0e-2]\n  adapter.r: [2, 4]\n",
+                         "two", workers=2)
     trials = study_of(out).get_trials()
     points = sorted((t.params["train.lr"], t.params["adapter.r"]) for t in trials)
     assert points == sorted(itertools.product([1e-3, 1e-2, 3e-2], [2, 4]))
@@ -231,3 +225,12 @@ def test_space_and_argument_errors_name_the_key_and_line_and_exit_2(tmp_path, ca
 def test_ranges_read_yaml_numbers_and_infer_their_type(tmp_path, text, expected):
     (param,) = load_space(space_file(tmp_path, text)).params
     assert (param.kind, param.low, param.high, param.log) == expected
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "spaces").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_search_spaces_fit_the_demo_config(path):
+    repo = Path(__file__).parents[1]
+    space = load_space(path)
+    assert space.params and space.objective.startswith("val_")
+    check_space_against_config(space, repo / "configs" / "demo-support-lora.yaml")
