@@ -37,3 +37,27 @@ def test_classify_and_metrics():
     per = s.per_label()
     assert per["a"] == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
     assert abs(s.macro_f1 - (2 / 3 + 0.8) / 2) < 1e-9
+
+
+def test_shared_prefix_cache_gives_the_scores_of_whole_prompts():
+    from tuneforge.data.templates import prompt_ids
+    from tuneforge.eval.classify import SharedPrefix
+
+    model, tok = load_model("tiny:llama")
+    model.eval()
+    system = {"role": "system", "content": "Route the ticket to Billing, Sales or Returns. " * 3}
+    shot = [{"role": "user", "content": "refund please"},
+            {"role": "assistant", "content": "Department: Returns\n"}]
+    prompts = [[system, *shot, {"role": "user", "content": f"ticket {i}: card charged"}]
+               for i in range(3)]
+    candidates = ["Department: Billing\n", "Department: Sales\n", "Department: Returns\n"]
+    ids = [prompt_ids(p, tok) for p in prompts]
+    shared = SharedPrefix.of(model, ids, bf16=False)
+    assert shared is not None and all(shared.starts(p) for p in ids)
+    assert len(shared.ids) > 30 and any(ids[0][len(shared.ids)] != p[len(shared.ids)] for p in ids)
+    for prompt in prompts:
+        whole = label_log_probs(model, tok, prompt, candidates, bf16=False)
+        cached = label_log_probs(model, tok, prompt, candidates, bf16=False, shared=shared)
+        assert cached == [pytest.approx(x, abs=1e-4) for x in whole]
+    assert SharedPrefix.of(model, ids[:1]) is None
+    assert SharedPrefix.of(model, [[1, 2, 3], [1, 2, 4]]) is None  # too short to be worth it
