@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=None, help="override the demo's epochs")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N tests")
+    p.add_argument("--few-shot", type=int, default=3, metavar="K",
+                   help="solved training tickets in the base few-shot prompt (default 3)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a run: PEFT adapter, merged model, or GGUF")
@@ -174,7 +176,7 @@ def cmd_demo(args) -> int:
     from tuneforge.demo import run_demo
 
     run_demo(args.output_dir, epochs=args.epochs, max_steps=args.max_steps,
-             test_limit=args.test_limit)
+             test_limit=args.test_limit, few_shot=args.few_shot)
     return 0
 
 

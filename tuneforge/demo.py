@@ -1,9 +1,11 @@
 """`tuneforge demo`: the whole story on the built-in model, in a few minutes on a laptop CPU.
 
 SmolLM2-135M-Instruct is taught to route Northwind Home's customer-support tickets to the right
-department (and draft a short reply) with a LoRA adapter trained on the shipped dataset. Base and
-tuned model are then scored the same way on the held-out test split: each department name is
-scored by the model's likelihood after the ticket, and the most likely one is the prediction.
+department (and draft a short reply) with a LoRA adapter trained on the shipped dataset. Then
+`tuneforge eval`'s own evaluation (:func:`tuneforge.eval.evaluate.run_eval`) scores the base model
+zero-shot, the base model with a few solved training tickets in its prompt, and the tuned model
+the same way on the held-out test split: each department name is scored by the model's
+likelihood after the ticket, and the most likely one is the prediction.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from tuneforge.config import load_config
 from tuneforge.errors import TuneforgeError
 
 DEMO_MODEL = "builtin:smollm2-135m-instruct"
-ANSWER_PREFIX = "Department: "
+DEMO_FEW_SHOT = 3  # solved training tickets before each question for the base few-shot baseline
+SAMPLES = 3  # generated replies per system, side by side in the report
 
 # The same settings as configs/demo-support-lora.yaml (a test keeps the two equal), held here
 # too so that `tuneforge demo` works from an installed package.
@@ -54,7 +57,8 @@ def demo_config(data: Path, output_dir: str, epochs: float | None, max_steps: in
 
 
 def run_demo(output_dir: str = "runs/demo", *, epochs: float | None = None,
-             max_steps: int | None = None, test_limit: int | None = None) -> dict:
+             max_steps: int | None = None, test_limit: int | None = None,
+             few_shot: int = DEMO_FEW_SHOT) -> dict:
     from tuneforge.recipes.sft import run_sft
 
     t0 = time.perf_counter()
@@ -63,7 +67,7 @@ def run_demo(output_dir: str = "runs/demo", *, epochs: float | None = None,
     say(f"1/3 fine-tuning {DEMO_MODEL} with LoRA on {data}/train.jsonl -> {config.output_dir}")
     summary = run_sft(config, overwrite=True)
     t_train = time.perf_counter() - t0
-    result = evaluate_demo(Path(config.output_dir), data, test_limit=test_limit)
+    result = evaluate_demo(Path(config.output_dir), data, few_shot=few_shot, test_limit=test_limit)
     result.update(train_summary=summary, seconds_train=round(t_train, 1),
                   seconds_total=round(time.perf_counter() - t0, 1))
     (Path(config.output_dir) / "demo.json").write_text(json.dumps(result, indent=2))
@@ -72,112 +76,67 @@ def run_demo(output_dir: str = "runs/demo", *, epochs: float | None = None,
     return result
 
 
-def evaluate_demo(run_dir: Path, data: Path, *, test_limit: int | None = None) -> dict:
-    """Score base and tuned model on the test tickets; one model in memory, adapter toggled."""
-    from tuneforge.data.formats import load_examples
-    from tuneforge.models.runs import load_for_inference
+def evaluate_demo(run_dir: Path, data: Path, *, few_shot: int = DEMO_FEW_SHOT,
+                  test_limit: int | None = None, seed: int = 0) -> dict:
+    """Base zero-shot, base ``few_shot``-shot and tuned model on the test tickets, by
+    :func:`tuneforge.eval.evaluate.run_eval` (report in ``run_dir/eval``)."""
+    from tuneforge.eval.evaluate import run_eval
 
-    labels = json.loads((data / "labels.json").read_text())
-    test = load_examples(data / "test.jsonl")[:test_limit]
-    prompts = [[{"role": m.role, "content": m.content} for m in ex.messages if m.role != "assistant"]
-               for ex in test]
-    gold = [gold_label(ex) for ex in test]
-    model, tokenizer, _ = load_for_inference(str(run_dir))
-    say(f"2/3 scoring base and tuned model on {len(test)} held-out test tickets")
-    t0 = time.perf_counter()
-    with model.disable_adapter():
-        base = score(model, tokenizer, prompts, gold, labels, "base")
-        base_reply = _reply(model, tokenizer, prompts[0])
-    tuned = score(model, tokenizer, prompts, gold, labels, "tuned")
-    tuned_reply = _reply(model, tokenizer, prompts[0])
-    plot_per_label(base, tuned, run_dir / "demo_accuracy.png")
+    say(f"2/3 evaluating base zero-shot, base {few_shot}-shot and tuned model on the held-out "
+        "test tickets")
+    evaluation = run_eval(str(run_dir), task="classification", labels=str(data / "labels.json"),
+                          few_shot=few_shot, seed=seed, output_dir=run_dir / "eval",
+                          limit=test_limit, samples=SAMPLES, max_new_tokens=60)
+    ((name, task),) = evaluation["tasks"].items()
+    first = json.loads((run_dir / "eval" / "samples.jsonl").read_text().splitlines()[0])
     return {
-        "run_dir": str(run_dir), "test_examples": len(test),
-        "base": base.to_dict(), "tuned": tuned.to_dict(),
-        "seconds_eval": round(time.perf_counter() - t0, 1),
-        "sample": {"ticket": prompts[0][-1]["content"], "gold": gold[0],
-                   "base_reply": base_reply, "tuned_reply": tuned_reply},
+        "run_dir": str(run_dir), "report": str(run_dir / "eval" / "report.html"),
+        "task": name, "test_examples": task["n"], "labels": task["labels"], "few_shot": few_shot,
+        "systems": task["systems"], "seconds_eval": evaluation["seconds"],
+        "sample": {"ticket": first["input"], "gold": first["reference"].splitlines()[0],
+                   "replies": {s: out.get("generated", "") for s, out in first["outputs"].items()}},
     }
 
 
-def gold_label(example) -> str:
-    answer = example.messages[-1].content
-    first = answer.splitlines()[0]
-    if not first.startswith(ANSWER_PREFIX):
-        raise TuneforgeError(f"{example.where}: demo answers must start with {ANSWER_PREFIX!r}")
-    return first[len(ANSWER_PREFIX) :].strip()
-
-
-def score(model, tokenizer, prompts, gold, labels, name):
-    from tqdm import tqdm
-
-    from tuneforge.eval.classify import classify
-
-    with tqdm(total=len(prompts), desc=f"score {name}", unit="ticket", file=sys.stderr,
-              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        return classify(model, tokenizer, prompts, gold, labels, prefix=ANSWER_PREFIX, suffix="\n",
-                        progress=lambda n: bar.update(n - bar.n))
-
-
-def _reply(model, tokenizer, messages) -> str:
-    from tuneforge.generation import generate_reply
-
-    return generate_reply(model, tokenizer, messages, max_new_tokens=60)
+TABLE_METRICS = (("accuracy", "accuracy"), ("macro_precision", "macro precision"),
+                 ("macro_recall", "macro recall"), ("macro_f1", "macro F1"))
 
 
 def render_table(result: dict) -> str:
-    s = result["train_summary"]
-    base, tuned = result["base"], result["tuned"]
-    rows = [("test accuracy", f"{base['accuracy']:.1%}", f"{tuned['accuracy']:.1%}"),
-            ("test macro F1", f"{base['macro_f1']:.3f}", f"{tuned['macro_f1']:.3f}")]
-    for label, b in base["per_label"].items():
-        t = tuned["per_label"][label]
-        rows.append((f"  recall {label}", f"{b['recall']:.0%}", f"{t['recall']:.0%}"))
-    chance = 1 / len(base["per_label"])
-    rows.append(("  (chance level)", f"{chance:.1%}", ""))
+    """Metrics (rows) of base zero-shot, base k-shot and tuned (columns), then the story."""
+    from tuneforge.eval.report import system_title
+
+    s, systems = result["train_summary"], result["systems"]
+    titles = [system_title(name, result["few_shot"]) for name in systems]
+    rows = [(label, [f"{m[key]:.3f}" for m in systems.values()]) for key, label in TABLE_METRICS]
+    rows += [(f"  F1 {label}", [f"{m['per_class'][label]['f1']:.2f}" for m in systems.values()])
+             for label in result["labels"]]
+    rows.append(("(chance accuracy)", [f"{1 / len(result['labels']):.3f}"]))
     width = max(len(r[0]) for r in rows) + 2
-    lines = ["", f"{'':<{width}}{'base':>10}{'tuned':>10}"]
-    lines += [f"{name:<{width}}{b:>10}{t:>10}" for name, b, t in rows]
+    col = max(12, *(len(t) + 2 for t in titles))
+    lines = ["", f"{result['test_examples']} held-out test tickets, {len(result['labels'])} "
+                 "departments, label-constrained scoring",
+             " " * width + "".join(f"{t:>{col}}" for t in titles)]
+    lines += [f"{name:<{width}}" + "".join(f"{v:>{col}}" for v in values) for name, values in rows]
     sample = result["sample"]
     lines += [
         "",
         f"trained {s['steps']} steps on {s['train_examples']} tickets in {result['seconds_train']:.0f} s "
         f"({s['tokens_per_s']:.0f} tokens/s); best validation loss {s['best_val_loss']:.3f}",
-        f"total demo time {result['seconds_total']:.0f} s; {result['test_examples']} test tickets",
+        f"evaluated in {result['seconds_eval']:.0f} s; total demo time {result['seconds_total']:.0f} s",
         "",
         f"ticket: {sample['ticket']}",
-        f"  expected department: {sample['gold']}",
-        f"  base model:  {sample['base_reply']!r}",
-        f"  tuned model: {sample['tuned_reply']!r}",
+        f"  expected: {sample['gold']}",
+    ]
+    lines += [f"  {system_title(name, result['few_shot']) + ':':<16} {reply!r}"
+              for name, reply in sample["replies"].items()]
+    lines += [
         "",
-        f"run folder: {result['run_dir']}  (adapter/, metrics.jsonl, loss.png, demo.json, "
-        "demo_accuracy.png)",
+        f"run folder: {result['run_dir']}  (adapter/, metrics.jsonl, loss.png, demo.json)",
+        f"report: {result['report']}  (and report.md, eval.json, samples.jsonl, plots)",
         f"try it: tuneforge chat {result['run_dir']}",
     ]
     return "\n".join(lines)
-
-
-def plot_per_label(base, tuned, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = base.labels + ["overall"]
-    b = [base.per_label()[lab]["recall"] for lab in base.labels] + [base.accuracy]
-    t = [tuned.per_label()[lab]["recall"] for lab in tuned.labels] + [tuned.accuracy]
-    x = range(len(labels))
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
-    ax.bar([i - 0.2 for i in x], b, 0.4, label="base", color="#9ab")
-    ax.bar([i + 0.2 for i in x], t, 0.4, label="tuned (LoRA)", color="#1f4e79")
-    ax.set_xticks(list(x), labels, rotation=20, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("recall on test tickets")
-    ax.set_title("Ticket routing: base vs tuned SmolLM2-135M")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def say(text: str) -> None:
