@@ -218,6 +218,14 @@ def test_space_and_argument_errors_name_the_key_and_line_and_exit_2(tmp_path, ca
     assert "not found" in _exit_2(capsys, "sweep", config, "--space", str(tmp_path / "none.yaml"))
 
 
+def test_an_objective_from_the_command_line_brings_its_own_direction(tmp_path):
+    path = space_file(tmp_path, "objective: val_accuracy\ndirection: maximize\n"
+                      "params:\n  adapter.r: [2, 4]\n")
+    assert load_space(path).direction == "maximize"
+    assert load_space(path, objective="val_loss").direction == "minimize"
+    assert load_space(path, objective="val_loss", direction="maximize").direction == "maximize"
+
+
 @pytest.mark.parametrize("text, expected", [
     ("params:\n  train.lr: {low: 1e-4, high: 1e-2, log: true}\n", ("float", 1e-4, 1e-2, True)),
     ("params:\n  train.epochs: {low: 1, high: 3}\n", ("int", 1, 3, False)),

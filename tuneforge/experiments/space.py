@@ -130,7 +130,10 @@ def load_space(path: str | Path, **settings: Any) -> SweepSpace:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping (objective, sampler, params, ...)")
-    raw.update({k: v for k, v in settings.items() if v is not None})
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if "objective" in settings and "direction" not in settings:
+        raw.pop("direction", None)  # the file's direction was for its own objective
+    raw.update(settings)
     errors: list[str] = []
 
     def where(*keys: str) -> str:
