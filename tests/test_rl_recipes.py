@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from test_cli_train import tuneforge
 
 from tuneforge.config import AdapterConfig, load_config
+from tuneforge.generation import generate_batch
 from tuneforge.models.adapters import prepare_model
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.models.loading import load_model
@@ -161,6 +162,27 @@ def test_adapters_off_reference_gives_the_starting_models_log_probs():
         now = score_tokens(policy, completions, cpu)["logps"]
     assert (now[mask] - via_adapters_off[mask]).abs().max() > 1e-2
     assert policy.training
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rollouts_sample_from_the_adapted_policy(autocast):
+    """Generation's inference copy of a LoRA model must carry the adapter (it once dropped it,
+    so GRPO sampled from the base model at every step while training the adapter)."""
+    base, tok = load_model("tiny:llama")
+    model = prepare_model(copy.deepcopy(base), AdapterConfig(method="lora", r=4, alpha=8), seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    merged = copy.deepcopy(model).merge_and_unload()
+    conversation = [[{"role": "user", "content": "item 3: what colour is it?"}]]
+
+    def greedy(m) -> list[int]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return generate_batch(m, tok, conversation, max_new_tokens=16)[0].token_ids
+
+    assert greedy(model) == greedy(merged) != greedy(base)
 
 
 # ------------------------------------------------------------------------------ rank

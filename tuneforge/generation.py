@@ -509,7 +509,8 @@ def _inference_model(model, precision: str):
     if cached is not None and cached[0] == signature:
         return cached[1], False
     _BF16_COPIES.pop(model, None)  # free the stale copy before making the next one
-    dup = _bf16_copy(model)
+    with torch.autocast(_device(model).type, enabled=False):  # not the caller's (training) one
+        dup = _bf16_copy(model)
     _BF16_COPIES[model] = (signature, dup)
     return dup, False
 
@@ -543,7 +544,9 @@ def _bf16_copy(model, *, pack_int4: bool | None = None, bf16_activations: bool |
                 dup = unmerged
             else:
                 try:
-                    disabled = any(getattr(m, "disable_adapters", False) for m in dup.modules())
+                    # the layers' flag (PeftModel also has a disable_adapters *method*, truthy)
+                    disabled = any(m.disable_adapters for m in dup.modules()
+                                   if hasattr(m, "_disable_adapters"))
                     dup = dup.unload() if disabled else dup.merge_and_unload()
                 except Exception:  # noqa: BLE001 - adapters that cannot merge run unmerged
                     pass
