@@ -84,3 +84,11 @@ def test_a_weight_changed_in_place_is_cast_again_and_copies_do_not_share_casts()
 def test_trainable_linears_are_left_to_autocast():
     layer = nn.Linear(8, 4)
     assert casts.cache_frozen_casts(layer) == 0 and type(layer) is nn.Linear
+
+
+def test_a_bf16_weight_is_used_as_it_is_and_not_kept():
+    layer = nn.Linear(8, 4).requires_grad_(False).to(torch.bfloat16)
+    casts.cache_frozen_casts(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(2, 8))
+    assert out.dtype == torch.bfloat16 and layer.weight not in casts._CASTS

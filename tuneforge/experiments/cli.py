@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
                     "Re-run the same command to resume; run it on other machines with the same "
                     "--storage (PostgreSQL) URL and --study-name to join the study.")
     p.add_argument("config", help="the base run config (YAML)")
-    p.add_argument("--space", required=True, help="search space YAML (see configs/space-demo.yaml)")
+    p.add_argument("--space", required=True, help="search space YAML (see configs/spaces/demo-support.yaml)")
     _common(p)
     p.add_argument("--trials", type=int, help="trial budget (replaces the space file's)")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")

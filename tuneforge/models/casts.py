@@ -42,6 +42,8 @@ class CastCachedLinear(nn.Linear):
 
 
 def _bf16(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dtype == torch.bfloat16:  # a bf16 copy of the model: nothing to cast or keep
+        return weight
     cached = _CASTS.get(weight)
     if cached is None or cached[0] != weight._version:
         with torch.no_grad():
