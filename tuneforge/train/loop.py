@@ -32,7 +32,6 @@ from accelerate import Accelerator
 from tuneforge.config import TrainConfig, lower_is_better
 from tuneforge.errors import ConfigError
 from tuneforge.models.attention import use_packed_attention
-from tuneforge.models.casts import cache_frozen_casts, release_frozen_casts
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.objectives import CausalLMObjective, Objective
 from tuneforge.train.progress import Progress
@@ -213,8 +212,6 @@ def train(
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     use_packed_attention(model)  # per-example attention inside packed rows
-    if bf16 and cfg.distributed != "fsdp":
-        cache_frozen_casts(model)  # frozen weights cast to bf16 once, not every micro-batch
     objective = objective or CausalLMObjective(model)
 
     optimizer = make_optimizer(model, cfg)
@@ -340,7 +337,6 @@ def train(
         best_dir = ckpt_root / f"{ckpt.STEP_PREFIX}{state['best_step']:06d}"
         ckpt.load_trainable(best_dir, acc.unwrap_model(wrapper).model)
     acc.wait_for_everyone()
-    release_frozen_casts(model)
     return TrainResult(steps=step, final_loss=last_loss, best_metric=state["best_metric"],
                        best_step=state["best_step"], stopped_early=stopped_early,
                        trained_tokens=state["trained_tokens"], tokens=state["tokens"],
