@@ -46,15 +46,15 @@ def packed_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    outputs = []
-    start = 0
-    for length in packed_seq_lens:
-        end = start + length
-        outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa,
-        ))
-        start = end
+    # split, not slicing: the backward of a slice writes its gradient into a zeroed tensor of
+    # the whole row (one memset and one add per example, layer and tensor); split's is one cat
+    lengths = list(packed_seq_lens)
+    outputs = [
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
+                                       enable_gqa=gqa)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                           value.split(lengths, dim=2))
+    ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
