@@ -12,6 +12,8 @@ after the warm-up steps are timed. See bench/README.md for what the columns mean
 Contenders:
 
 - ``tuneforge``: :func:`tuneforge.train.loop.train` with ``bf16="auto"`` (its default).
+- ``tuneforge-gc``: the same with ``gradient_checkpointing: true`` (less memory, more compute;
+  TRL's SFTConfig turns it on by default).
 - ``trl-default``: SFTTrainer with SFTConfig's defaults except what must match the others
   (fp32, as the performance issue measured it). Examples come in tuneforge's order.
 - ``trl-fast``: the same plus ``bf16=True, packing=True`` (bfd packing, which turns on TRL's
@@ -49,8 +51,8 @@ from bench.common import (
 )
 
 MODEL = "builtin:smollm2-135m-instruct"
-CONTENDERS = ("tuneforge", "trl-default", "trl-fast", "trl-fast-nogc")
-DEFAULT_CONTENDERS = "tuneforge,trl-default,trl-fast"
+CONTENDERS = ("tuneforge", "tuneforge-gc", "trl-default", "trl-fast", "trl-fast-nogc")
+DEFAULT_CONTENDERS = "tuneforge,tuneforge-gc,trl-default,trl-fast"
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 # dropout 0 for every contender: tuneforge's default (drawing masks costs ~15% of a CPU LoRA step)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -129,7 +131,7 @@ def work_tuneforge(args) -> dict:
     cfg = TrainConfig(batch_size=args.batch, grad_accum=1, max_steps=args.steps, lr=args.lr,
                       schedule="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                       bf16="auto", progress=False, eval_every=0, save_every=0, seed=args.seed,
-                      log_every=1)
+                      log_every=1, gradient_checkpointing=args.worker == "tuneforge-gc")
     acc = make_accelerator(cfg, model)
     rss_loaded = peak_rss_gb()
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
@@ -257,7 +259,7 @@ def worker_main(args) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    result = work_tuneforge(args) if args.worker == "tuneforge" else work_trl(args)
+    result = work_tuneforge(args) if args.worker.startswith("tuneforge") else work_trl(args)
     report(result)
     return 0
 

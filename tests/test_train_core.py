@@ -11,7 +11,7 @@ from tuneforge.data.example import Example, Message
 from tuneforge.data.packing import pack, pad
 from tuneforge.data.render import IGNORE_INDEX, render_sft
 from tuneforge.errors import DataError
-from tuneforge.losses.causal_lm import CausalLMLoss
+from tuneforge.losses.causal_lm import CausalLMLoss, chunked_target_logps
 from tuneforge.models.adapters import prepare_model
 from tuneforge.models.loading import load_model
 from tuneforge.train.loop import global_batches, train
@@ -55,6 +55,38 @@ def test_packed_loss_equals_padded_and_naive_loss():
     assert n_packed == n_padded == sum(ex.num_targets for ex in data)
     torch.testing.assert_close(s_packed, s_padded, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(s_packed, naive, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_target_logps_without_saved_logits_match_autograd(bias, bf16):
+    """The head projection that keeps no logits for backward gives autograd's values and
+    gradients (rows, weight, bias), with per-position upstream gradients as DPO sends them."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=bias)
+    hidden = torch.randn(2, 30, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (2, 30))
+    targets[0, :4] = IGNORE_INDEX
+    upstream = torch.randn(int((targets != IGNORE_INDEX).sum()))
+
+    def reference():
+        keep = targets != IGNORE_INDEX
+        return -torch.nn.functional.cross_entropy(head(hidden[keep]).float(), targets[keep],
+                                                  reduction="none")
+
+    results = []
+    for fn in (reference, lambda: chunked_target_logps(hidden, head, targets, chunk_size=7)):
+        hidden.grad = None
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logps = fn()
+        (logps * upstream).sum().backward()
+        grads = [hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
+        results.append([logps.detach()] + [g.clone() for g in grads])
+    # bf16: the same bf16 logits; weight gradients differ by bf16 rounding of per-chunk sums
+    tol = dict(rtol=2e-2, atol=5e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref, **tol)
 
 
 def test_packing_resets_positions_per_example():
