@@ -260,3 +260,20 @@ def test_per_example_packed_attention_matches_padded_loss_and_gradients(arch):
     # without seq_lens (generation, padded batches) it is plain SDPA with the usual mask
     again, _ = loss(padded["input_ids"], padded["targets"], attention_mask=padded["attention_mask"])
     torch.testing.assert_close(again, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_update(method):
+    """Recomputing activations in backward (train.gradient_checkpointing) changes memory, not
+    the step: the same weights after one step, with packed per-example attention."""
+    def one_step(checkpointing: bool):
+        model, _ = tiny(method)
+        train(model, tokenized(8), [], quiet(batch_size=4, max_steps=1, seed=1, adam_eps=1.0,
+                                             lr=1.0, gradient_checkpointing=checkpointing), _run_dir())
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = one_step(False), one_step(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
