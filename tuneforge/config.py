@@ -169,6 +169,10 @@ class TrainConfig:
     bf16: Literal["auto", "true", "false"] = "auto"
     """bf16 autocast: auto uses it where the device supports it."""
     gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input and recompute the rest in backward: about 40% less
+    peak memory for ~10% more time (LoRA on SmolLM2, CPU). On the CPU the freed heap is also
+    handed back to the system after each step (malloc_trim), so the peak stays near one
+    step's need instead of creeping up with fragmentation."""
     eval_every: int = 50
     """Validation loss every N optimizer steps (0: only at the end)."""
     save_every: int = 50

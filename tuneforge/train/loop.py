@@ -33,6 +33,7 @@ from tuneforge.config import TrainConfig, lower_is_better
 from tuneforge.errors import ConfigError
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.train import checkpoint as ckpt
+from tuneforge.train.memory import release_free_memory
 from tuneforge.train.objectives import CausalLMObjective, Objective
 from tuneforge.train.progress import Progress
 
@@ -243,6 +244,8 @@ def train(
     batches = global_batches(len(train_set), global_batch, cfg.seed, start_step)
     progress = Progress(steps, start_step, enabled=cfg.progress and acc.is_main_process)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    # under gradient checkpointing (memory first) the CPU heap is trimmed after every step
+    trim_heap = cfg.gradient_checkpointing and acc.device.type == "cpu"
     minimise = lower_is_better(cfg.metric_for_best)
     stopped_early = False
     stop_note = ""
@@ -278,6 +281,8 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if trim_heap:
+            release_free_memory()
 
         last_loss = float(acc.reduce(loss_total, "sum")) / weight
         step_tokens = sum(objective.tokens(ex) for ex in batch)

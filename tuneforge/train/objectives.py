@@ -22,7 +22,7 @@ from torch import nn
 
 from tuneforge.data.packing import pack
 from tuneforge.data.render import TokenizedExample
-from tuneforge.losses.causal_lm import CausalLMLoss
+from tuneforge.losses.causal_lm import CHUNK, CausalLMLoss
 
 
 class Objective(Protocol):
@@ -47,7 +47,7 @@ class CausalLMObjective:
 
     metric_keys = ()
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = CHUNK) -> None:
         self.module = CausalLMLoss(model, chunk_size)
 
     def weight(self, examples: Sequence[TokenizedExample]) -> int:
