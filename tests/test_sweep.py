@@ -242,3 +242,38 @@ def test_shipped_search_spaces_fit_the_demo_config(path):
     space = load_space(path)
     assert space.params and space.objective.startswith("val_")
     check_space_against_config(space, repo / "configs" / "demo-support-lora.yaml")
+
+
+def _race_for_trials(url: str, start: float, out) -> None:
+    """Worker of the claim race: load the study, wait for the common start, claim all waiting."""
+    from tuneforge.experiments.sweep import _storage, _take_waiting
+
+    study = optuna.load_study(study_name="race", storage=_storage(url))
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    time.sleep(max(0.0, start - time.time()))
+    out.put([t.number for t in waiting if _take_waiting(study._storage, t._trial_id)])
+
+
+def test_workers_racing_for_waiting_trials_take_each_once(tmp_path):
+    """Four processes claim the same 30 waiting trials at the same instant on SQLite: every
+    trial is taken exactly once and is RUNNING (Optuna's read-then-write claim let two workers
+    take one trial: SQLite ignores SELECT ... FOR UPDATE)."""
+    import multiprocessing
+
+    from tuneforge.experiments.sweep import _storage
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    study = optuna.create_study(study_name="race", storage=_storage(url))
+    for i in range(30):
+        study.enqueue_trial({"x": i})
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start = time.time() + 6  # after every process has started and loaded the study
+    procs = [ctx.Process(target=_race_for_trials, args=(url, start, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    taken = [n for _ in procs for n in out.get(timeout=120)]
+    for p in procs:
+        p.join()
+    assert sorted(taken) == list(range(30))
+    assert states(optuna.load_study(study_name="race", storage=url)) == ["RUNNING"] * 30

@@ -203,7 +203,7 @@ def claim_trial(study, job: SweepJob):
     storage = study._storage
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
-            if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+            if not _take_waiting(storage, frozen._trial_id):
                 continue
         except UpdateFinishedTrialError:
             continue
@@ -214,6 +214,34 @@ def claim_trial(study, job: SweepJob):
         study.pruner = make_pruner(job.space)
         return optuna.Trial(study, frozen._trial_id)
     return None
+
+
+def _take_waiting(storage, trial_id: int) -> bool:
+    """WAITING -> RUNNING as one conditional UPDATE: True for exactly one caller.
+
+    Optuna's ``set_trial_state_values`` reads the state and writes it in a second statement
+    under ``SELECT ... FOR UPDATE``, which SQLite ignores: two workers could both read WAITING
+    and both run the same trial (seen once in CI). A single ``UPDATE ... WHERE state =
+    'WAITING'`` is atomic on SQLite and PostgreSQL alike; its row count says who won.
+    """
+    from datetime import datetime
+
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    backend = getattr(storage, "_backend", storage)  # under Optuna's caching wrapper
+    if not isinstance(backend, RDBStorage):
+        return storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
+    with _create_scoped_session(backend.scoped_session) as session:
+        taken = (session.query(models.TrialModel)
+                 .filter(models.TrialModel.trial_id == trial_id,
+                         models.TrialModel.state == TrialState.WAITING)
+                 .update({models.TrialModel.state: TrialState.RUNNING}, synchronize_session=False))
+        if taken == 1:  # ours now: stamp its start as Optuna would
+            session.get(models.TrialModel, trial_id).datetime_start = datetime.now()
+    return taken == 1
 
 
 def run_trial(study, trial, job: SweepJob) -> None:
