@@ -278,7 +278,6 @@ def test_gradient_checkpointing_gives_the_same_update(method):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-
 def test_release_free_memory_returns_heap_holes_to_the_system():
     """Freed blocks below a live one stay resident until trimmed (the creep the loop trims
     under gradient checkpointing); release_free_memory hands them back."""

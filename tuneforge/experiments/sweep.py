@@ -197,16 +197,12 @@ def _worker_main(job: SweepJob, index: int) -> None:
 def claim_trial(study, job: SweepJob):
     """Take the next waiting trial (atomic in the storage: one worker gets it), or None."""
     import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     storage = study._storage
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if not _take_waiting(storage, frozen._trial_id):
-                continue
-        except UpdateFinishedTrialError:
-            continue
+        if not _take_waiting(storage, frozen._trial_id):
+            continue  # another worker took it first
         storage.set_trial_user_attr(frozen._trial_id, "worker", _me())
         storage.record_heartbeat(frozen._trial_id)
         # a sampler seeded by the trial number: reproducible, and no two workers draw alike
@@ -226,14 +222,11 @@ def _take_waiting(storage, trial_id: int) -> bool:
     """
     from datetime import datetime
 
-    from optuna.storages import RDBStorage
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
     from optuna.trial import TrialState
 
-    backend = getattr(storage, "_backend", storage)  # under Optuna's caching wrapper
-    if not isinstance(backend, RDBStorage):
-        return storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
+    backend = getattr(storage, "_backend", storage)  # the RDBStorage under Optuna's cache
     with _create_scoped_session(backend.scoped_session) as session:
         taken = (session.query(models.TrialModel)
                  .filter(models.TrialModel.trial_id == trial_id,
