@@ -14,6 +14,8 @@ Contenders:
 - ``tuneforge``: :func:`tuneforge.train.loop.train` with ``bf16="auto"`` (its default).
 - ``tuneforge-gc``: the same with ``gradient_checkpointing: true`` (less memory, more compute;
   TRL's SFTConfig turns it on by default).
+- ``tuneforge-compile``: ``tuneforge`` with ``compile: true`` (decoder layers through
+  torch.compile; the first step compiles, which the ``first step s`` column shows).
 - ``trl-default``: SFTTrainer with SFTConfig's defaults except what must match the others
   (fp32, as the performance issue measured it). Examples come in tuneforge's order.
 - ``trl-fast``: the same plus ``bf16=True, packing=True`` (bfd packing, which turns on TRL's
@@ -51,8 +53,9 @@ from bench.common import (
 )
 
 MODEL = "builtin:smollm2-135m-instruct"
-CONTENDERS = ("tuneforge", "tuneforge-gc", "trl-default", "trl-fast", "trl-fast-nogc")
-DEFAULT_CONTENDERS = "tuneforge,tuneforge-gc,trl-default,trl-fast"
+CONTENDERS = ("tuneforge", "tuneforge-gc", "tuneforge-compile", "trl-default", "trl-fast",
+              "trl-fast-nogc")
+DEFAULT_CONTENDERS = "tuneforge,tuneforge-gc,tuneforge-compile,trl-default,trl-fast"
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 # dropout 0 for every contender: tuneforge's default (drawing masks costs ~15% of a CPU LoRA step)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -63,6 +66,7 @@ COLUMNS: list[Column] = [
     ("tokens_per_s", "tok/s", ".1f"),
     ("trained_tokens_per_s", "trained tok/s", ".1f"),
     ("seconds_per_step", "s/step", ".2f"),
+    ("first_step_s", "first step s", ".1f"),
     ("peak_rss_gb", "peak RSS GB", ".2f"),
     ("final_loss", "final loss", ".4f"),
     ("mfu_bf16_pct", "MFU bf16 %", ".1f"),
@@ -107,6 +111,7 @@ def _summarise(args, shape: dict, steps: list[dict], seconds: float, extra: dict
         "tokens_per_s": tokens / seconds if seconds else None,
         "trained_tokens_per_s": trained / seconds if seconds else None,
         "seconds_per_step": seconds / len(timed) if timed else None,
+        "first_step_s": steps[0]["seconds"] if steps else None,
         "train_flops": flops, "peak_rss_gb": peak_rss_gb(),
         "final_loss": steps[-1]["loss"] if steps else None,
         "losses": [s["loss"] for s in steps],
@@ -131,7 +136,8 @@ def work_tuneforge(args) -> dict:
     cfg = TrainConfig(batch_size=args.batch, grad_accum=1, max_steps=args.steps, lr=args.lr,
                       schedule="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                       bf16="auto", progress=False, eval_every=0, save_every=0, seed=args.seed,
-                      log_every=1, gradient_checkpointing=args.worker == "tuneforge-gc")
+                      log_every=1, gradient_checkpointing=args.worker == "tuneforge-gc",
+                      compile=args.worker == "tuneforge-compile")
     acc = make_accelerator(cfg, model)
     rss_loaded = peak_rss_gb()
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
@@ -148,7 +154,8 @@ def work_tuneforge(args) -> dict:
     start = records[args.warmup - 1]["elapsed_s"] if args.warmup else 0.0
     seconds = records[-1]["elapsed_s"] - start
     options = {"bf16": use_bf16(cfg.bf16, acc.device), "packing": "padding-free per micro-batch",
-               "gradient_checkpointing": cfg.gradient_checkpointing, "lr": cfg.lr,
+               "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile,
+               "lr": cfg.lr,
                "schedule": cfg.schedule}
     return _summarise(args, shape, steps, seconds, {"options": options, "rss_loaded_gb": rss_loaded})
 
@@ -396,6 +403,7 @@ def main(argv=None) -> int:
             o = r.get("options", {})
             print(f"  {r['contender']}: bf16={o.get('bf16')} packing={o.get('packing')} "
                   f"gradient_checkpointing={o.get('gradient_checkpointing')} "
+                  f"compile={o.get('compile', False)} "
                   f"{r['timed_steps']} timed steps, {r['tokens']} tokens ({r['trained_tokens']} trained)")
     losses, warnings = loss_check(rows, args.loss_tolerance)
     if losses:

@@ -278,6 +278,53 @@ def test_gradient_checkpointing_gives_the_same_update(method):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_compiled_layers_give_the_same_steps_and_are_switched_off_afterwards(monkeypatch):
+    """train.compile fuses the decoder layers' work; the update must not change. Two steps of
+    different lengths run one dynamic-shape graph; after training the model runs eagerly."""
+    from tuneforge.train import compile as compile_module
+    from tuneforge.train.compile import decoder_layers
+
+    real_compile, calls = torch.compile, []
+
+    def counted_compile(fn, **kwargs):  # the real compiler; counts the calls of what it returns
+        compiled = real_compile(fn, **kwargs)
+        return lambda *a, **k: calls.append(1) or compiled(*a, **k)
+
+    monkeypatch.setattr(compile_module.torch, "compile", counted_compile)
+
+    def two_steps(compile_layers: bool):
+        model, _ = tiny("lora")
+        # adam_eps 1: the update is about lr x gradient, so it compares gradients, not signs
+        result = train(model, tokenized(8), [], quiet(batch_size=4, max_steps=2, seed=1, adam_eps=1.0,
+                                                      lr=1.0, compile=compile_layers), _run_dir())
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return model, [r["loss"] for r in result.history], weights
+
+    _, eager_losses, eager = two_steps(False)
+    model, losses, compiled = two_steps(True)
+    assert len(calls) == 2 * 2  # two layers, two steps, each through its compiled graph
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+    layers = decoder_layers(model)
+    assert len(layers) == 2 and all(layer._compiled_call_impl is None for layer in layers)
+
+
+
+def test_compiled_layers_run_eagerly_without_gradients():
+    """Reference passes and sampling (no gradients) take the eager path, not the graph."""
+    from tuneforge.train.compile import _where_grad
+
+    def compiled(x):
+        raise AssertionError("compiled path taken")
+
+    call = _where_grad(lambda x: x + 1, compiled)
+    with torch.no_grad():
+        assert call(torch.ones(1)).item() == 2.0
+    with pytest.raises(AssertionError, match="compiled path taken"):
+        call(torch.ones(1))
+
+
 def test_release_free_memory_returns_heap_holes_to_the_system():
     """Freed blocks below a live one stay resident until trimmed (the creep the loop trims
     under gradient checkpointing); release_free_memory hands them back."""

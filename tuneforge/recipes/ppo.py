@@ -57,6 +57,7 @@ from tuneforge.recipes.rollouts import (
     start_online_run,
 )
 from tuneforge.train import checkpoint as ckpt
+from tuneforge.train.compile import CompiledLayers, compiled_layers
 from tuneforge.train.loop import (
     TrainResult,
     _read_metrics,
@@ -187,6 +188,7 @@ def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], c
     wrapper, optimizer = acc.prepare(ppo.module, optimizer)
     bf16 = use_bf16(cfg.bf16, acc.device)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    layers = CompiledLayers(ppo.module) if cfg.compile else None  # the policy's update passes
 
     ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     state = {"tokens": 0, "trained_tokens": 0, "optimizer_steps": 0, "seconds": 0.0}
@@ -225,7 +227,7 @@ def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], c
         for _ in range(rl.ppo_epochs):
             order = torch.randperm(len(ro.completions), device=acc.device)
             for index in order.chunk(rl.minibatches):
-                with autocast():
+                with autocast(), compiled_layers(layers):
                     loss, metrics = ppo.minibatch_loss(wrapper, ro, index)
                 acc.backward(loss)
                 if cfg.max_grad_norm:

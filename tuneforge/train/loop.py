@@ -33,6 +33,7 @@ from tuneforge.config import TrainConfig, lower_is_better
 from tuneforge.errors import ConfigError
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.train import checkpoint as ckpt
+from tuneforge.train.compile import CompiledLayers, compiled_layers
 from tuneforge.train.memory import release_free_memory
 from tuneforge.train.objectives import CausalLMObjective, Objective
 from tuneforge.train.progress import Progress
@@ -214,6 +215,8 @@ def train(
         _enable_gradient_checkpointing(model)
     use_packed_attention(model)  # per-example attention inside packed rows
     objective = objective or CausalLMObjective(model)
+    # compiled layers run only inside the loop's loss computations (see train/compile.py)
+    layers = CompiledLayers(objective.module) if cfg.compile else None
 
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
@@ -270,7 +273,7 @@ def train(
         for micro in range(cfg.grad_accum):
             lo = (micro * world + rank) * cfg.batch_size
             sync = micro == cfg.grad_accum - 1
-            with (nullcontext() if sync else acc.no_sync(wrapper)), autocast():
+            with (nullcontext() if sync else acc.no_sync(wrapper)), autocast(), compiled_layers(layers):
                 loss, metrics = objective.loss(wrapper, batch[lo : lo + cfg.batch_size], acc.device)
             acc.backward(loss * (world / weight))
             loss_total += loss.detach().float()
