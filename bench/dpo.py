@@ -14,6 +14,8 @@ Contenders:
 - ``tuneforge``: the dpo recipe's objective on the shared loop (bf16 autocast where the CPU has
   it, chosen and rejected packed into one padding-free row, reference log-probs computed once
   per pair with the adapters off).
+- ``tuneforge-compile``: the same with ``compile: true`` (decoder layers through torch.compile;
+  the warm-up step includes the compilation).
 - ``trl-default``: DPOTrainer with DPOConfig's defaults except what must match (fp32, as the
   performance issue measured it).
 - ``trl-fast``: the same with ``bf16=True`` and gradient checkpointing off, its fastest CPU
@@ -47,7 +49,7 @@ from bench.common import (
 from bench.sft import load_peak
 
 MODEL = "builtin:smollm2-135m-instruct"
-CONTENDERS = ("tuneforge", "trl-default", "trl-fast")
+CONTENDERS = ("tuneforge", "tuneforge-compile", "trl-default", "trl-fast")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 BETA = 0.1
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets")
@@ -57,6 +59,7 @@ COLUMNS: list[Column] = [
     ("pairs_per_s", "pairs/s", ".2f"),
     ("tokens_per_s", "tok/s", ".1f"),
     ("seconds_per_step", "s/step", ".2f"),
+    ("first_step_s", "first step s", ".1f"),
     ("peak_rss_gb", "peak RSS GB", ".2f"),
     ("first_loss", "first loss", ".4f"),
     ("final_loss", "final loss", ".4f"),
@@ -114,6 +117,7 @@ def _summarise(args, shape, steps: list[dict], seconds: float, extra: dict) -> d
             "trained_tokens": trained, "pairs_per_s": pairs / seconds if seconds else None,
             "tokens_per_s": tokens / seconds if seconds else None,
             "seconds_per_step": seconds / len(timed) if timed else None,
+            "first_step_s": steps[0]["seconds"] if steps else None,
             "train_flops": _flops(shape, tokens, trained, sum(s["attn_pairs"] for s in timed)),
             "peak_rss_gb": peak_rss_gb(), "first_loss": steps[0]["loss"],
             "final_loss": steps[-1]["loss"], "losses": [s["loss"] for s in steps],
@@ -148,7 +152,8 @@ def work_tuneforge(args) -> dict:
     shape = model_shape(model)
     cfg = TrainConfig(batch_size=args.batch, max_steps=args.steps, lr=args.lr, schedule="cosine",
                       warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16="auto",
-                      progress=False, eval_every=0, save_every=0, seed=args.seed)
+                      progress=False, eval_every=0, save_every=0, seed=args.seed,
+                      compile="true" if args.worker == "tuneforge-compile" else "false")
     acc = make_accelerator(cfg, model)
     objective = PreferenceObjective(model, "dpo", beta=BETA, reference="cached")
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
@@ -163,7 +168,8 @@ def work_tuneforge(args) -> dict:
         previous = r["elapsed_s"]
     start = records[args.warmup - 1]["elapsed_s"] if args.warmup else 0.0
     options = {"bf16": use_bf16(cfg.bf16, acc.device), "packing": "chosen+rejected in one row",
-               "reference": "adapters off, once per pair", "gradient_checkpointing": False}
+               "reference": "adapters off, once per pair", "gradient_checkpointing": False,
+               "compile": cfg.compile == "true"}
     return _summarise(args, shape, steps, records[-1]["elapsed_s"] - start,
                       {"options": options, "final_reward_accuracy": records[-1]["reward_accuracy"]})
 
@@ -261,7 +267,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.manual_seed(args.seed)
-        report(work_tuneforge(args) if args.worker == "tuneforge" else work_trl(args))
+        report(work_tuneforge(args) if args.worker.startswith("tuneforge") else work_trl(args))
         return 0
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if unknown := [c for c in contenders if c not in CONTENDERS]:

@@ -38,6 +38,7 @@ COMBINED: list[Column] = [
     ("pairs_per_s", "pairs/s", ".2f"),  # bench/dpo.py
     ("trained_tokens_per_s", "trained tok/s", ".1f"),
     ("peak_rss_gb", "peak RSS GB", ".2f"),
+    ("first_step_s", "first step s", ".1f"),
     ("final_loss", "final loss", ".4f"),
     ("mfu_bf16_pct", "MFU bf16 %", ".1f"),
     ("mfu_fp32_pct", "MFU fp32 %", ".1f"),

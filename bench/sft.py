@@ -16,6 +16,7 @@ Contenders:
   TRL's SFTConfig turns it on by default).
 - ``tuneforge-compile``: ``tuneforge`` with ``compile: true`` (decoder layers through
   torch.compile; the first step compiles, which the ``first step s`` column shows).
+- ``tuneforge-compile-gc``: both (the memory-first setting).
 - ``trl-default``: SFTTrainer with SFTConfig's defaults except what must match the others
   (fp32, as the performance issue measured it). Examples come in tuneforge's order.
 - ``trl-fast``: the same plus ``bf16=True, packing=True`` (bfd packing, which turns on TRL's
@@ -53,9 +54,9 @@ from bench.common import (
 )
 
 MODEL = "builtin:smollm2-135m-instruct"
-CONTENDERS = ("tuneforge", "tuneforge-gc", "tuneforge-compile", "trl-default", "trl-fast",
-              "trl-fast-nogc")
-DEFAULT_CONTENDERS = "tuneforge,tuneforge-gc,tuneforge-compile,trl-default,trl-fast"
+CONTENDERS = ("tuneforge", "tuneforge-gc", "tuneforge-compile", "tuneforge-compile-gc",
+              "trl-default", "trl-fast", "trl-fast-nogc")
+DEFAULT_CONTENDERS = "tuneforge,tuneforge-gc,tuneforge-compile,tuneforge-compile-gc,trl-default,trl-fast"
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 # dropout 0 for every contender: tuneforge's default (drawing masks costs ~15% of a CPU LoRA step)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -136,8 +137,8 @@ def work_tuneforge(args) -> dict:
     cfg = TrainConfig(batch_size=args.batch, grad_accum=1, max_steps=args.steps, lr=args.lr,
                       schedule="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                       bf16="auto", progress=False, eval_every=0, save_every=0, seed=args.seed,
-                      log_every=1, gradient_checkpointing=args.worker == "tuneforge-gc",
-                      compile=args.worker == "tuneforge-compile")
+                      log_every=1, gradient_checkpointing=args.worker.endswith("-gc"),
+                      compile="true" if "-compile" in args.worker else "false")
     acc = make_accelerator(cfg, model)
     rss_loaded = peak_rss_gb()
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
@@ -154,7 +155,7 @@ def work_tuneforge(args) -> dict:
     start = records[args.warmup - 1]["elapsed_s"] if args.warmup else 0.0
     seconds = records[-1]["elapsed_s"] - start
     options = {"bf16": use_bf16(cfg.bf16, acc.device), "packing": "padding-free per micro-batch",
-               "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile,
+               "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile == "true",
                "lr": cfg.lr,
                "schedule": cfg.schedule}
     return _summarise(args, shape, steps, seconds, {"options": options, "rss_loaded_gb": rss_loaded})

@@ -296,7 +296,8 @@ def test_compiled_layers_give_the_same_steps_and_are_switched_off_afterwards(mon
         model, _ = tiny("lora")
         # adam_eps 1: the update is about lr x gradient, so it compares gradients, not signs
         result = train(model, tokenized(8), [], quiet(batch_size=4, max_steps=2, seed=1, adam_eps=1.0,
-                                                      lr=1.0, compile=compile_layers), _run_dir())
+                                                      lr=1.0, compile=str(compile_layers).lower()),
+                       _run_dir())
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return model, [r["loss"] for r in result.history], weights
 
@@ -309,6 +310,29 @@ def test_compiled_layers_give_the_same_steps_and_are_switched_off_afterwards(mon
     layers = decoder_layers(model)
     assert len(layers) == 2 and all(layer._compiled_call_impl is None for layer in layers)
 
+
+
+def test_compile_auto_only_for_long_runs_of_large_models():
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.train.compile import (
+        AUTO_MIN_PARAMETERS,
+        AUTO_MIN_STEPS,
+        compiler_available,
+        use_compile,
+    )
+
+    cpu = torch.device("cpu")
+    small = torch.nn.Linear(4, 4)
+    large = torch.nn.Embedding(AUTO_MIN_PARAMETERS // 64 + 1, 64, device="meta")  # counted, not allocated
+    have = compiler_available(cpu)[0]
+    assert not use_compile("auto", cpu, small, 10 * AUTO_MIN_STEPS)
+    assert not use_compile("auto", cpu, large, AUTO_MIN_STEPS - 1)
+    assert use_compile("auto", cpu, large, AUTO_MIN_STEPS) is have
+    assert not use_compile("false", cpu, large, 10 * AUTO_MIN_STEPS)
+    if have:
+        assert use_compile("true", cpu, small, 1)
+    with pytest.raises(TuneforgeError, match="train.compile=true: .*set train.compile=false"):
+        use_compile("true", torch.device("meta"), small, 1)
 
 
 def test_compiled_layers_run_eagerly_without_gradients():

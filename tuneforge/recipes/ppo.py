@@ -57,7 +57,7 @@ from tuneforge.recipes.rollouts import (
     start_online_run,
 )
 from tuneforge.train import checkpoint as ckpt
-from tuneforge.train.compile import CompiledLayers, compiled_layers
+from tuneforge.train.compile import CompiledLayers, compiled_layers, use_compile
 from tuneforge.train.loop import (
     TrainResult,
     _read_metrics,
@@ -188,7 +188,9 @@ def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], c
     wrapper, optimizer = acc.prepare(ppo.module, optimizer)
     bf16 = use_bf16(cfg.bf16, acc.device)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    layers = CompiledLayers(ppo.module) if cfg.compile else None  # the policy's update passes
+    # the policy's update passes (rollouts run without gradients, hence eagerly)
+    compiled = use_compile(cfg.compile, acc.device, ppo.module, rollouts * updates_per_rollout)
+    layers = CompiledLayers(ppo.module) if compiled else None
 
     ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     state = {"tokens": 0, "trained_tokens": 0, "optimizer_steps": 0, "seconds": 0.0}
