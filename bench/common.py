@@ -24,6 +24,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -201,6 +202,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 # --------------------------------------------------------------------------------------------
 # Workers: one fresh process per contender, JSON on the last line of stdout
 # --------------------------------------------------------------------------------------------
+
+
+def cold_compile_cache() -> str:
+    """Point torch.compile's on-disk caches (Inductor's kernels, FX and AOT graphs) at a fresh
+    folder, so that a contender's first step pays the whole compilation, as on a new machine;
+    a warm cache makes later runs' first steps shorter. The worker process ends with the run."""
+    import atexit
+    import shutil
+
+    folder = tempfile.mkdtemp(prefix="bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def peak_rss_gb() -> float:

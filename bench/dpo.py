@@ -33,6 +33,7 @@ from bench.common import (
     DATA_DIR,
     Column,
     attn_pairs,
+    cold_compile_cache,
     format_table,
     machine_info,
     make_chat_examples,
@@ -154,6 +155,8 @@ def work_tuneforge(args) -> dict:
                       warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16="auto",
                       progress=False, eval_every=0, save_every=0, seed=args.seed,
                       compile="true" if args.worker == "tuneforge-compile" else "false")
+    if cfg.compile == "true":  # a cold compilation, as a user's first run has (see cold_compile_cache)
+        cold_compile_cache()
     acc = make_accelerator(cfg, model)
     objective = PreferenceObjective(model, "dpo", beta=BETA, reference="cached")
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:

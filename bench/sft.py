@@ -39,6 +39,7 @@ from bench.common import (
     Column,
     attn_pairs,
     best_peak,
+    cold_compile_cache,
     ensure_chat_dataset,
     format_table,
     machine_info,
@@ -139,6 +140,8 @@ def work_tuneforge(args) -> dict:
                       bf16="auto", progress=False, eval_every=0, save_every=0, seed=args.seed,
                       log_every=1, gradient_checkpointing=args.worker.endswith("-gc"),
                       compile="true" if "-compile" in args.worker else "false")
+    if cfg.compile == "true":  # a cold compilation, as a user's first run has (see cold_compile_cache)
+        cold_compile_cache()
     acc = make_accelerator(cfg, model)
     rss_loaded = peak_rss_gb()
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
