@@ -89,12 +89,14 @@ def test_ppo_raises_the_reward_with_a_bounded_kl(tmp_path):
     assert records[-1]["entropy"] < records[0]["entropy"]
 
 
-def test_first_ppo_update_sees_the_rollouts_own_log_probs(tmp_path):
+@pytest.mark.parametrize("compile_layers", ["false", "true"])
+def test_first_ppo_update_sees_the_rollouts_own_log_probs(tmp_path, compile_layers):
     """With one epoch of one minibatch, the update scores exactly what the rollout did: ratio
     1, nothing clipped. Log-probs taken under other settings (dropout, another packing, the
-    reference) would show here."""
+    reference) would show here, and so would a compiled update pass (train.compile) that
+    scored differently from the eager rollout."""
     config = rl_config(tmp_path, "ppo", "train.batch_size=6", "train.max_steps=2", "train.lr=1e-2",
-                       "rl.ppo_epochs=1", "rl.minibatches=1")
+                       "rl.ppo_epochs=1", "rl.minibatches=1", f"train.compile={compile_layers}")
     run_recipe(config)
     for r in metrics(tmp_path / "ppo"):
         assert r["ratio"] == pytest.approx(1.0, abs=1e-5)
