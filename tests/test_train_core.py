@@ -335,18 +335,21 @@ def test_compile_auto_only_for_long_runs_of_large_models():
         use_compile("true", torch.device("meta"), small, 1)
 
 
-def test_compiled_layers_run_eagerly_without_gradients():
-    """Reference passes and sampling (no gradients) take the eager path, not the graph."""
-    from tuneforge.train.compile import _where_grad
+def test_compiled_layers_run_eagerly_with_a_kv_cache():
+    """Sampling (a KV cache) takes the eager path; passes without one, with gradients or
+    without (the DPO reference, PPO's old log-probs), take the graph."""
+    from tuneforge.train.compile import _unless_cached
 
-    def compiled(x):
+    def compiled(x, **kwargs):
         raise AssertionError("compiled path taken")
 
-    call = _where_grad(lambda x: x + 1, compiled)
-    with torch.no_grad():
-        assert call(torch.ones(1)).item() == 2.0
-    with pytest.raises(AssertionError, match="compiled path taken"):
-        call(torch.ones(1))
+    call = _unless_cached(lambda x, **kwargs: x + 1, compiled)
+    assert call(torch.ones(1), cache=object()).item() == 2.0
+    for kwargs in ({}, {"cache": None}):
+        with torch.no_grad(), pytest.raises(AssertionError, match="compiled path taken"):
+            call(torch.ones(1), **kwargs)
+        with pytest.raises(AssertionError, match="compiled path taken"):
+            call(torch.ones(1), **kwargs)
 
 
 def test_release_free_memory_returns_heap_holes_to_the_system():

@@ -188,7 +188,8 @@ def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], c
     wrapper, optimizer = acc.prepare(ppo.module, optimizer)
     bf16 = use_bf16(cfg.bf16, acc.device)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    # the policy's update passes (rollouts run without gradients, hence eagerly)
+    # the update passes, and the rollouts' scoring passes with them (the same kernels, so that
+    # the first ratio is 1 in bf16 too); sampling with a KV cache stays eager
     compiled = use_compile(cfg.compile, acc.device, ppo.module, rollouts * updates_per_rollout)
     layers = CompiledLayers(ppo.module) if compiled else None
 
@@ -223,7 +224,8 @@ def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], c
     for step in range(start + 1, rollouts + 1):
         t0 = time.perf_counter()
         indices = next(batches)[rank * per_process : (rank + 1) * per_process]
-        ro = ppo.rollout(wrapper, [train_set[i] for i in indices], acc.device, autocast)
+        with compiled_layers(layers):
+            ro = ppo.rollout(wrapper, [train_set[i] for i in indices], acc.device, autocast)
         wrapper.train()
         sums: dict[str, float] = {}
         for _ in range(rl.ppo_epochs):

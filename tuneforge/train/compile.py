@@ -14,10 +14,10 @@ share one code object, so one graph serves all of them (compiling the model as o
 ~4 minutes on the same CPU for no more speed), and packed rows of any length reuse it. The first
 step pays the compilation (~45 s on 2 cores, ~15 s once Inductor's on-disk cache is warm).
 
-Compiled calls are switched on only around the loop's own loss computations, and only where
-gradients flow (:func:`compiled_layers`); anything else that runs the model (validation, the
-reference pass of DPO, sampling in GRPO and PPO, the recipes after training) runs it eagerly,
-as it was.
+Compiled calls are switched on only around the loop's own loss computations (:func:`compiled_layers`),
+reference and old-policy passes included, and not for calls with a KV cache (sampling in GRPO
+and PPO); anything else that runs the model (validation, the recipes after training) runs it
+eagerly, as it was.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class CompiledLayers:
                 f"train.compile: found no decoder layers to compile in {type(model).__name__} "
                 "(expected transformers blocks); set train.compile=false")
         # what nn.Module.compile does, kept aside so that it can be switched off again
-        self.compiled = [_where_grad(layer._call_impl, torch.compile(layer._call_impl, dynamic=True))
+        self.compiled = [_unless_cached(layer._call_impl, torch.compile(layer._call_impl, dynamic=True))
                          for layer in self.layers]
 
     @contextmanager
@@ -104,15 +104,22 @@ class CompiledLayers:
                 layer._compiled_call_impl = fn
 
 
-def _where_grad(eager, compiled):
-    """Run ``compiled`` where gradients flow, ``eager`` otherwise.
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+"""What transformers' decoder layers call their KV cache (it is ``cache`` in transformers 5)."""
 
-    What runs without gradients inside a loss (DPO's reference pass with the adapters off,
-    GRPO's sampling with a KV cache) would only add graphs to compile for little gain.
+
+def _unless_cached(eager, compiled):
+    """Run ``compiled``, but ``eager`` for calls that carry a KV cache (sampling).
+
+    Passes without gradients inside a loss (DPO's reference with the adapters off, PPO's old
+    log-probs and values) go through the compiled graph too: scored by other kernels than the
+    policy's pass, they would differ from it by bf16 rounding, and the DPO loss at the first
+    step would no longer be log 2, nor the first PPO ratio 1. Sampling with a growing KV cache
+    would only add graphs to compile for little gain.
     """
 
     def call(*args, **kwargs):
-        if not torch.is_grad_enabled():
+        if any(kwargs.get(name) is not None for name in _CACHE_ARGUMENTS):
             return eager(*args, **kwargs)
         try:
             return compiled(*args, **kwargs)
