@@ -173,3 +173,13 @@ def test_dpo_refuses_sft_data_and_bad_settings(tmp_path):
                           "preference.reference=cached", "adapter.method=full"])
     assert "label_smoothin" in str(err.value) and "label_smoothing" in str(err.value)
     assert "reference=cached needs an adapter" in str(err.value)
+
+
+def test_losses_against_a_reference_are_not_compiled_under_auto():
+    """DPO's loss subtracts a reference pass from the policy's: compiled with and without the
+    adapters those round differently, so ``train.compile: auto`` leaves them eager; losses
+    without a reference (SimPO, ORPO) may compile."""
+    model, _ = load_model("tiny:llama")
+    model = prepare_model(model, AdapterConfig(method="lora", dropout=0.0))
+    assert PreferenceObjective(model, "dpo").compile_auto is False
+    assert PreferenceObjective(model, "simpo").compile_auto is True

@@ -329,6 +329,9 @@ def test_compile_auto_only_for_long_runs_of_large_models():
     assert not use_compile("auto", cpu, large, AUTO_MIN_STEPS - 1)
     assert use_compile("auto", cpu, large, AUTO_MIN_STEPS) is have
     assert not use_compile("false", cpu, large, 10 * AUTO_MIN_STEPS)
+    # losses that subtract two passes (DPO against its reference) compile only when asked
+    assert not use_compile("auto", cpu, large, 10 * AUTO_MIN_STEPS, auto=False)
+    assert use_compile("true", cpu, large, 1, auto=False) is have
     if have:
         assert use_compile("true", cpu, small, 1)
     with pytest.raises(TuneforgeError, match="train.compile=true: .*set train.compile=false"):

@@ -179,7 +179,9 @@ class TrainConfig:
     ~30% less peak memory, after a first step that compiles (~40 s on 2 cores, less once
     Inductor's on-disk cache is warm). Needs a C++ compiler on the CPU, Triton on CUDA. auto:
     on for runs of at least 50 optimizer steps on models of at least 50M parameters, where
-    the compiler is there."""
+    the compiler is there, except for losses that compare two passes of the model (DPO, IPO,
+    KTO and LiPO against their reference, PPO, GRPO): compiled, with and without the adapters,
+    those passes round bf16 differently (true still compiles them; fp32 agrees)."""
     eval_every: int = 50
     """Validation loss every N optimizer steps (0: only at the end)."""
     save_every: int = 50

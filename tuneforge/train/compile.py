@@ -36,9 +36,14 @@ AUTO_MIN_PARAMETERS = 50_000_000
 """... and smaller models, whose steps are too short for fusion to matter (test models)."""
 
 
-def use_compile(setting: str, device: torch.device, module: nn.Module, steps: int) -> bool:
-    """Resolve ``train.compile`` for a run of ``steps`` optimizer steps of ``module``."""
-    if setting == "false":
+def use_compile(setting: str, device: torch.device, module: nn.Module, steps: int,
+                auto: bool = True) -> bool:
+    """Resolve ``train.compile`` for a run of ``steps`` optimizer steps of ``module``.
+
+    ``auto=False`` (objectives that compare the policy with a reference pass, see
+    ``COMPARES_PASSES``) keeps ``auto`` off: only ``true`` compiles them.
+    """
+    if setting == "false" or (setting == "auto" and not auto):
         return False
     available, why = compiler_available(device)
     if setting == "true":
@@ -103,6 +108,15 @@ class CompiledLayers:
             for layer, fn in zip(self.layers, previous):
                 layer._compiled_call_impl = fn
 
+
+COMPARES_PASSES = "compile_auto"
+"""An objective whose ``compile_auto`` attribute is False is not compiled under ``auto``: its
+loss subtracts the log-probs of two passes of the model (DPO's policy minus its adapters-off
+reference, PPO's new minus old). Eagerly, with the adapters off, the base computation rounds
+exactly as with them on, so the two agree to the bit at the start (DPO loss log 2). A compiled
+layer with and without its LoRA branch is two different fused graphs, which round bf16
+differently: on SmolLM2 about 0.3-1.6 nats on a 500-nat sequence sum, as large as the signal
+of DPO's first steps (bench/README.md)."""
 
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 """What transformers' decoder layers call their KV cache (it is ``cache`` in transformers 5)."""
