@@ -174,8 +174,8 @@ class TrainConfig:
     handed back to the system after each step (malloc_trim), so the peak stays near one
     step's need instead of creeping up with fragmentation."""
     compile: Literal["auto", "true", "false"] = "auto"
-    """Run the decoder layers through torch.compile where gradients flow (fused element-wise
-    work, fewer saved activations): LoRA on SmolLM2 on a 2-core CPU ran ~1.6x the tokens/s at
+    """Run the decoder layers through torch.compile during the loop's loss passes (fused
+    element-wise work, fewer saved activations; sampling and validation stay eager): LoRA on SmolLM2 on a 2-core CPU ran ~1.6x the tokens/s at
     ~30% less peak memory, after a first step that compiles (~40 s on 2 cores, less once
     Inductor's on-disk cache is warm). Needs a C++ compiler on the CPU, Triton on CUDA. auto:
     on for runs of at least 50 optimizer steps on models of at least 50M parameters, where

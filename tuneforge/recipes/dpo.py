@@ -70,7 +70,7 @@ class PreferenceObjective:
         self.spec = PREFERENCE_LOSSES[loss]
         self.beta, self.options = beta, dict(options or {})
         self.reference = reference if self.spec.needs_reference else "none"
-        self.compile_auto = self.reference == "none"  # see train.compile.COMPARES_PASSES
+        self.compile_auto = self.reference == "none"  # see train.compile.use_compile
 
     def weight(self, pairs) -> int:
         return len(pairs)

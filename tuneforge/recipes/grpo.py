@@ -61,7 +61,7 @@ class GRPOObjective:
         self.group = rl.num_generations or DEFAULT_GROUP
         self.sampler = Sampler(tokenizer, reward_fn, rl, group=self.group)
         self.reference = Reference(model) if rl.kl_coef else None
-        self.compile_auto = False  # new/old ratios and the KL: see train.compile.COMPARES_PASSES
+        self.compile_auto = False  # new/old ratios and the KL: see train.compile.use_compile
         self.metric_keys = ("reward", "reward_std", "zero_std_fraction", "completion_length",
                             "stopped", "entropy", "clipfrac") + (("kl",) if rl.kl_coef else ())
 

@@ -191,7 +191,7 @@ def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], c
     # the update passes, and the rollouts' scoring passes with them (the same kernels, so that
     # the first ratio is 1 in bf16 too); sampling with a KV cache stays eager
     compiled = use_compile(cfg.compile, acc.device, ppo.module, rollouts * updates_per_rollout,
-                           auto=False)  # new/old ratios and the KL compare passes: see COMPARES_PASSES
+                           auto=False)  # new/old ratios and the KL compare passes: see use_compile
     layers = CompiledLayers(ppo.module) if compiled else None
 
     ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"

@@ -63,7 +63,7 @@ class RankObjective:
         self.module = SequenceLogProbs(model)
         self.loss_name, self.beta, self.sft_weight = loss, beta, sft_weight
         self.reference = reference if loss == "lipo" else "none"
-        self.compile_auto = self.reference == "none"  # see train.compile.COMPARES_PASSES
+        self.compile_auto = self.reference == "none"  # see train.compile.use_compile
         self.metric_keys = METRIC_KEYS[loss]
 
     def weight(self, items) -> int:

@@ -40,18 +40,24 @@ def use_compile(setting: str, device: torch.device, module: nn.Module, steps: in
                 auto: bool = True) -> bool:
     """Resolve ``train.compile`` for a run of ``steps`` optimizer steps of ``module``.
 
-    ``auto=False`` (objectives that compare the policy with a reference pass, see
-    ``COMPARES_PASSES``) keeps ``auto`` off: only ``true`` compiles them.
+    ``auto=False`` keeps ``auto`` off, for losses that subtract the log-probs of two passes of
+    the model (DPO's policy minus its adapters-off reference, PPO's new minus old; objectives
+    say so with ``compile_auto = False``). Eagerly, with the adapters off, the base computation
+    rounds exactly as with them on, so the two agree to the bit at the start (DPO loss log 2).
+    A compiled layer with and without its LoRA branch is two different fused graphs, which
+    round bf16 differently: on SmolLM2 about 0.3-1.6 nats on a 500-nat sequence sum, as large
+    as the signal of DPO's first steps (bench/README.md). Only ``true`` compiles those.
     """
     if setting == "false" or (setting == "auto" and not auto):
         return False
+    if setting == "auto":  # the cheap conditions before the compiler search
+        parameters = sum(p.numel() for p in module.parameters())
+        return (steps >= AUTO_MIN_STEPS and parameters >= AUTO_MIN_PARAMETERS
+                and compiler_available(device)[0])
     available, why = compiler_available(device)
-    if setting == "true":
-        if not available:
-            raise TuneforgeError(f"train.compile=true: {why}; set train.compile=false (or auto)")
-        return True
-    parameters = sum(p.numel() for p in module.parameters())
-    return available and steps >= AUTO_MIN_STEPS and parameters >= AUTO_MIN_PARAMETERS
+    if not available:
+        raise TuneforgeError(f"train.compile=true: {why}; set train.compile=false (or auto)")
+    return True
 
 
 def compiler_available(device: torch.device) -> tuple[bool, str]:
@@ -109,15 +115,6 @@ class CompiledLayers:
                 layer._compiled_call_impl = fn
 
 
-COMPARES_PASSES = "compile_auto"
-"""An objective whose ``compile_auto`` attribute is False is not compiled under ``auto``: its
-loss subtracts the log-probs of two passes of the model (DPO's policy minus its adapters-off
-reference, PPO's new minus old). Eagerly, with the adapters off, the base computation rounds
-exactly as with them on, so the two agree to the bit at the start (DPO loss log 2). A compiled
-layer with and without its LoRA branch is two different fused graphs, which round bf16
-differently: on SmolLM2 about 0.3-1.6 nats on a 500-nat sequence sum, as large as the signal
-of DPO's first steps (bench/README.md)."""
-
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 """What transformers' decoder layers call their KV cache (it is ``cache`` in transformers 5)."""
 
@@ -125,11 +122,12 @@ _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 def _unless_cached(eager, compiled):
     """Run ``compiled``, but ``eager`` for calls that carry a KV cache (sampling).
 
-    Passes without gradients inside a loss (DPO's reference with the adapters off, PPO's old
-    log-probs and values) go through the compiled graph too: scored by other kernels than the
-    policy's pass, they would differ from it by bf16 rounding, and the DPO loss at the first
-    step would no longer be log 2, nor the first PPO ratio 1. Sampling with a growing KV cache
-    would only add graphs to compile for little gain.
+    Passes without gradients inside a loss (PPO's old log-probs and values, DPO's reference)
+    go through the compiled graph too: eager kernels would round bf16 differently from the
+    compiled policy pass (on four SmolLM2 sequences, compiled policy against eager reference
+    differed on all four, against compiled reference on one; see :func:`use_compile` for why
+    ``auto`` still leaves such losses eager). Sampling with a growing KV cache would only add
+    graphs to compile for little gain.
     """
 
     def call(*args, **kwargs):

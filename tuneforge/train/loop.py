@@ -33,7 +33,7 @@ from tuneforge.config import TrainConfig, lower_is_better
 from tuneforge.errors import ConfigError
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.train import checkpoint as ckpt
-from tuneforge.train.compile import COMPARES_PASSES, CompiledLayers, compiled_layers, use_compile
+from tuneforge.train.compile import CompiledLayers, compiled_layers, use_compile
 from tuneforge.train.memory import release_free_memory
 from tuneforge.train.objectives import CausalLMObjective, Objective
 from tuneforge.train.progress import Progress
@@ -218,7 +218,7 @@ def train(
     # compiled layers run only inside the loop's loss computations (see train/compile.py)
     layers = None
     if use_compile(cfg.compile, acc.device, objective.module, steps,
-                   auto=getattr(objective, COMPARES_PASSES, True)):
+                   auto=getattr(objective, "compile_auto", True)):
         layers = CompiledLayers(objective.module)
         if acc.is_main_process:
             print("tuneforge: decoder layers compiled with torch.compile (train.compile); the first "
