@@ -17,7 +17,7 @@ from tuneforge.data.templates import (
 )
 from tuneforge.errors import DataError
 from tuneforge.models.tiny import CHATML_TEMPLATE, byte_tokenizer
-from tuneforge.recipes.tasks import load_training_tasks
+from tuneforge.train.tasks import load_training_tasks
 
 CHAT = TemplateConfig(system="Route the ticket.", user="Ticket: {text}", assistant="Team: {label}")
 RAW = TemplateConfig(prompt="Ticket: {text}\nTeam:", completion=" {label}")

@@ -18,8 +18,7 @@ from tuneforge.models.adapters import prepare_model
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.models.heads import RewardModel, RewardScorer, load_reward_model, save_head
 from tuneforge.models.loading import load_model
-from tuneforge.recipes.common import save_result
-from tuneforge.recipes.reward import (
+from tuneforge.recipes.reward_model import (
     LOSS_KINDS,
     RewardObjective,
     check_kinds,
@@ -27,6 +26,7 @@ from tuneforge.recipes.reward import (
     render_rewarded,
 )
 from tuneforge.train.loop import train
+from tuneforge.train.run_folder import save_result
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue", "amber", "violet", "teal", "black", "white"]

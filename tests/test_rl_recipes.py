@@ -24,7 +24,7 @@ from tuneforge.models.adapters import prepare_model
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.models.loading import load_model
 from tuneforge.recipes import run_recipe
-from tuneforge.recipes.rollouts import Completion, PromptItem, Reference, TokenScores, score_tokens
+from tuneforge.train.rollouts import Completion, PromptItem, Reference, TokenScores, score_tokens
 
 REWARD_CODE = '''
 def letters(prompts, completions, **columns):

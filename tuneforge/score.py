@@ -9,7 +9,7 @@ Reads any file with a prompt and response(s): preference pairs, rankings, rating
 (a ranking given with ``scores`` is read sorted by them, and its line carries them sorted too);
 a rating or unpaired record has one reward, with its ``rating`` or ``label``. The summary says
 how well the rewards agree with the file's judgements (see
-:func:`tuneforge.recipes.reward.held_out_metrics`): pairwise accuracy (chance is 0.5), Kendall
+:func:`tuneforge.recipes.reward_model.held_out_metrics`): pairwise accuracy (chance is 0.5), Kendall
 tau and Spearman per ranking; Pearson and Spearman against ratings.
 """
 
@@ -35,8 +35,8 @@ def score_file(run: str, data: str, *, out: str | None = None, batch_size: int =
 
     from tuneforge.data.formats import load_examples
     from tuneforge.models.heads import load_reward_model
-    from tuneforge.recipes.responses import render_responses
-    from tuneforge.recipes.reward import held_out_metrics
+    from tuneforge.recipes.reward_model import held_out_metrics
+    from tuneforge.train.scoring import render_responses
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not Path(data).is_file():

@@ -242,7 +242,7 @@ def run_trial(study, trial, job: SweepJob) -> None:
     from optuna.trial import TrialState
 
     from tuneforge.recipes import run_recipe
-    from tuneforge.train.loop import eval_hook
+    from tuneforge.train.lifecycle import eval_hook
 
     space = job.space
     run_dir = Path(job.sweep_dir) / "trials" / f"trial-{trial.number:04d}"

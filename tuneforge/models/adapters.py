@@ -124,3 +124,12 @@ def trainable_summary(model) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable}
+
+
+def has_adapter(model: torch.nn.Module) -> bool:
+    """Whether ``model`` carries a PEFT adapter that can be switched off (``disable_adapter()``).
+
+    The one test of "is this an adapter run" once a model exists: the reference policy is then
+    the model with its adapters off, and the run saves adapter/ rather than model/.
+    """
+    return hasattr(model, "disable_adapter")

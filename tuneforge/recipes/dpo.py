@@ -23,18 +23,13 @@ from tuneforge.config import PEFT_METHODS, RunConfig
 from tuneforge.data.example import Example
 from tuneforge.data.packing import pack
 from tuneforge.data.render import TokenizedExample, render_response
+from tuneforge.data.splits import load_splits, tokenize_all
 from tuneforge.losses.causal_lm import SequenceLogProbs
 from tuneforge.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
 from tuneforge.models.loading import load_tokenizer
-from tuneforge.recipes.common import (
-    check_run_dir,
-    finish_run,
-    load_splits,
-    say,
-    setup_model,
-    tokenize_all,
-)
 from tuneforge.train.loop import train, use_bf16
+from tuneforge.train.progress import say
+from tuneforge.train.run_folder import check_run_dir, finish_run, setup_model
 
 
 @dataclass

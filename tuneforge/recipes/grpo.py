@@ -21,8 +21,10 @@ from torch import nn
 from tuneforge.config import RLConfig, RunConfig
 from tuneforge.losses.rl import grpo_advantages, grpo_loss, masked_mean
 from tuneforge.models.attention import use_packed_attention
-from tuneforge.recipes.common import say
-from tuneforge.recipes.rollouts import (
+from tuneforge.rewards import RewardFn
+from tuneforge.train.loop import train
+from tuneforge.train.progress import say
+from tuneforge.train.rollouts import (
     PromptItem,
     Reference,
     Sampler,
@@ -32,8 +34,6 @@ from tuneforge.recipes.rollouts import (
     score_tokens,
     start_online_run,
 )
-from tuneforge.rewards import RewardFn
-from tuneforge.train.loop import train
 
 DEFAULT_GROUP = 4
 

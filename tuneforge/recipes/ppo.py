@@ -44,8 +44,20 @@ from tuneforge.losses.rl import (
     ppo_value_loss,
 )
 from tuneforge.models.attention import use_packed_attention
-from tuneforge.recipes.common import say
-from tuneforge.recipes.rollouts import (
+from tuneforge.train import checkpoint as ckpt
+from tuneforge.train.compile import CompiledLayers, compiled_layers, use_compile
+from tuneforge.train.lifecycle import TrainResult
+from tuneforge.train.loop import (
+    _read_metrics,
+    _truncate_metrics,
+    global_batches,
+    lr_lambda,
+    make_optimizer,
+    total_steps,
+    use_bf16,
+)
+from tuneforge.train.progress import Progress, say
+from tuneforge.train.rollouts import (
     Completion,
     PromptItem,
     Reference,
@@ -56,19 +68,6 @@ from tuneforge.recipes.rollouts import (
     score_tokens,
     start_online_run,
 )
-from tuneforge.train import checkpoint as ckpt
-from tuneforge.train.compile import CompiledLayers, compiled_layers, use_compile
-from tuneforge.train.loop import (
-    TrainResult,
-    _read_metrics,
-    _truncate_metrics,
-    global_batches,
-    lr_lambda,
-    make_optimizer,
-    total_steps,
-    use_bf16,
-)
-from tuneforge.train.progress import Progress
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 

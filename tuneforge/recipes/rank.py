@@ -10,7 +10,7 @@ Losses (tuneforge/losses/ranking.py):
 - ``lipo``: the Plackett-Luce likelihood of the ranking under the DPO implicit rewards
   ``beta * (log pi(y|x) - log pi_ref(y|x))`` (ListMLE, one of LiPO's listwise objectives;
   with two responses it is DPO). The reference is the model with adapters off, or precomputed
-  for full fine-tuning, exactly as in the dpo recipe (tuneforge/recipes/responses.py).
+  for full fine-tuning, exactly as in the dpo recipe (tuneforge/train/scoring.py).
 - ``rrhf``: a hinge on every wrongly ordered pair of length-normalised log-probs plus the SFT
   loss of the best response; no reference model.
 
@@ -27,18 +27,15 @@ from pathlib import Path
 from torch import nn
 
 from tuneforge.config import RunConfig
+from tuneforge.data.splits import load_splits, tokenize_all
 from tuneforge.losses.causal_lm import SequenceLogProbs
 from tuneforge.losses.ranking import lipo_listmle_loss, rrhf_loss
 from tuneforge.models.loading import load_tokenizer
-from tuneforge.recipes.common import (
-    check_run_dir,
-    finish_run,
-    load_splits,
-    say,
-    setup_model,
-    tokenize_all,
-)
-from tuneforge.recipes.responses import (
+from tuneforge.recipes.reward_model import best_worst_gap
+from tuneforge.train.loop import train
+from tuneforge.train.progress import say
+from tuneforge.train.run_folder import check_run_dir, finish_run, setup_model
+from tuneforge.train.scoring import (
     TokenizedResponses,
     as_lists,
     precompute_reference,
@@ -47,8 +44,6 @@ from tuneforge.recipes.responses import (
     resolve_reference,
     score_sequences,
 )
-from tuneforge.recipes.reward import best_worst_gap
-from tuneforge.train.loop import train
 
 METRIC_KEYS = {"lipo": ("pairwise_accuracy", "kendall_tau", "spearman", "logp_margin", "reward_margin"),
                "rrhf": ("pairwise_accuracy", "kendall_tau", "spearman", "logp_margin", "rank_loss",

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from tuneforge.config import RunConfig
 from tuneforge.models.loading import load_tokenizer
-from tuneforge.recipes.common import check_run_dir, finish_run, say, setup_model
-from tuneforge.recipes.tasks import load_training_tasks, tokenize_tasks, training_metrics_fn
 from tuneforge.train.loop import train
+from tuneforge.train.progress import say
+from tuneforge.train.run_folder import check_run_dir, finish_run, setup_model
+from tuneforge.train.tasks import load_training_tasks, tokenize_tasks, training_metrics_fn
 
 
 def run_sft(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:

@@ -21,9 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,60 +32,12 @@ from tuneforge.errors import ConfigError
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.compile import CompiledLayers, compiled_layers, use_compile
+from tuneforge.train.lifecycle import EvalHook, TrainResult, current_eval_hook
 from tuneforge.train.memory import release_free_memory
 from tuneforge.train.objectives import CausalLMObjective, Objective
 from tuneforge.train.progress import Progress
 
 MetricsFn = Callable[[torch.nn.Module], dict[str, float]]
-EvalHook = Callable[[int, dict[str, float]], bool | None]
-"""``on_eval(step, val_metrics)``, called after each validation; returning True stops training
-there, as early stopping does (the best checkpoint is restored, the run folder completed)."""
-
-_EVAL_HOOK: ContextVar[EvalHook | None] = ContextVar("tuneforge_eval_hook", default=None)
-
-
-@contextmanager
-def eval_hook(fn: EvalHook) -> Iterator[None]:
-    """Make ``fn`` the ``on_eval`` of every :func:`train` called inside this block.
-
-    This is how a sweep sees each trial's validation results (to prune it) through any recipe,
-    without the recipes knowing about sweeps.
-    """
-    token = _EVAL_HOOK.set(fn)
-    try:
-        yield
-    finally:
-        _EVAL_HOOK.reset(token)
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    final_loss: float | None
-    best_metric: float | None
-    """The value of ``train.metric_for_best`` at ``best_step``."""
-    best_step: int | None
-    stopped_early: bool
-    trained_tokens: int
-    tokens: int
-    seconds: float
-    history: list[dict] = field(default_factory=list)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def best_val_loss(self) -> float | None:
-        """Validation loss at the best step (whatever metric chose that step)."""
-        return self.val_at_best("val_loss")
-
-    def val_at_best(self, name: str) -> float | None:
-        for record in self.history:
-            if record.get("step") == self.best_step and name in record:
-                return record[name]
-        return None
-
 
 def make_accelerator(cfg: TrainConfig | None = None, model: torch.nn.Module | None = None) -> Accelerator:
     """An Accelerator for this machine, launcher and ``train.distributed`` choice.
@@ -206,7 +156,7 @@ def train(
     the run.
     """
     acc = accelerator or make_accelerator()
-    on_eval = on_eval or _EVAL_HOOK.get()
+    on_eval = on_eval or current_eval_hook()
     world, rank = acc.num_processes, acc.process_index
     torch.manual_seed(cfg.seed + rank)
     steps = total_steps(len(train_set), cfg, world)

@@ -7,6 +7,11 @@ import sys
 from tqdm import tqdm
 
 
+def say(message: str) -> None:
+    """One line for the person running the job, on stderr, prefixed ``tuneforge:``."""
+    print(f"tuneforge: {message}", file=sys.stderr, flush=True)
+
+
 class Progress:
     def __init__(self, total: int, start: int = 0, *, enabled: bool = True) -> None:
         self.enabled = enabled

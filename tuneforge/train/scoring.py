@@ -26,8 +26,8 @@ from tuneforge.data.packing import pack
 from tuneforge.data.render import TokenizedExample, render_response
 from tuneforge.losses.causal_lm import SequenceLogProbs
 from tuneforge.losses.reward import ranking_mask
-from tuneforge.recipes.common import say
 from tuneforge.train.loop import use_bf16
+from tuneforge.train.progress import say
 
 
 class Scored(Protocol):

@@ -36,9 +36,9 @@ from tuneforge.errors import DataError
 from tuneforge.generation import generate_batch
 from tuneforge.losses.causal_lm import CausalLMLoss
 from tuneforge.models.loading import load_tokenizer
-from tuneforge.recipes.common import check_run_dir, finish_run, setup_model
 from tuneforge.rewards import RewardFn, call_reward, load_reward_fn
 from tuneforge.train.plots import plot_metric
+from tuneforge.train.run_folder import check_run_dir, finish_run, setup_model
 
 
 @dataclass

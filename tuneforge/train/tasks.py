@@ -2,7 +2,7 @@
 
 A run config describes either one task (``data.train`` and friends) or several
 (``data.tasks``). Each task's files go through the same checks as any training data
-(:func:`~tuneforge.recipes.common.load_splits`), its template is applied and checked to render
+(:func:`~tuneforge.data.splits.load_splits`), its template is applied and checked to render
 the same prompt in training and at inference, its examples are tokenized on their own, and the
 training sets are mixed by weight or temperature (:mod:`tuneforge.data.mixing`). Validation sets
 are concatenated (validation loss over all tasks), and classification tasks also get
@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 from tuneforge.config import RunConfig, TaskConfig
 from tuneforge.data.example import Example
 from tuneforge.data.mixing import mix, task_probabilities
+from tuneforge.data.splits import load_splits, tokenize_all
 from tuneforge.data.templates import apply_template, check_template_roundtrip
 from tuneforge.errors import ConfigError
-from tuneforge.recipes.common import load_splits, tokenize_all
 
 
 @dataclass

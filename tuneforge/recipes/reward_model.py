@@ -29,6 +29,7 @@ from torch import nn
 from tuneforge.config import RunConfig
 from tuneforge.data.example import Example
 from tuneforge.data.packing import pack
+from tuneforge.data.splits import load_splits, tokenize_all
 from tuneforge.errors import DataError
 from tuneforge.losses.reward import (
     all_pairs_loss,
@@ -41,16 +42,10 @@ from tuneforge.losses.reward import (
 from tuneforge.models.adapters import trainable_summary
 from tuneforge.models.heads import RewardModel, save_head
 from tuneforge.models.loading import load_tokenizer
-from tuneforge.recipes.common import (
-    check_run_dir,
-    finish_run,
-    load_splits,
-    say,
-    setup_model,
-    tokenize_all,
-)
-from tuneforge.recipes.responses import TokenizedResponses, as_lists, render_responses
 from tuneforge.train.loop import train
+from tuneforge.train.progress import say
+from tuneforge.train.run_folder import check_run_dir, finish_run, setup_model
+from tuneforge.train.scoring import TokenizedResponses, as_lists, render_responses
 
 LOSS_KINDS = {"bradley_terry": ("preference",), "plackett_luce": ("ranking", "preference"),
               "all_pairs": ("ranking", "preference"), "regression": ("rating",)}
