@@ -134,9 +134,9 @@ def _pair_stats(pair) -> dict:
 
 def _tokenized(args, tokenizer):
     from tuneforge.data.formats import load_examples
-    from tuneforge.recipes.dpo import render_pair
+    from tuneforge.train.scoring import render_responses
 
-    return [render_pair(e, tokenizer) for e in load_examples(args.data, "preference")]
+    return [render_responses(e, tokenizer) for e in load_examples(args.data, "preference")]
 
 
 def work_tuneforge(args) -> dict:

@@ -66,8 +66,37 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     assert "Traceback" not in again.stderr
 
 
-def test_resume_after_sigkill_continues_the_same_loss_trajectory(tmp_path):
-    cfg = write_config(tmp_path, max_steps=150, eval_every=0, save_every=4, keep_last=2)
+PPO_REWARD = """
+def letters(prompts, completions, **columns):
+    return [sum(ch in "abcdefghijklmnopqrstuvwxyz" for ch in c) / max(1, len(c))
+            for c in completions]
+"""
+
+
+def write_ppo_config(tmp: Path, **train) -> Path:
+    """A PPO run on prompts with a reward file: its step is one rollout and its updates."""
+    (tmp / "reward.py").write_text(PPO_REWARD)
+    write_jsonl(tmp / "prompts.jsonl", [{"prompt": r["messages"][:1]} for r in chat_records(16)])
+    settings = {"batch_size": 4, "lr": 1e-2, "bf16": "false", "eval_every": 0,
+                "warmup_steps": 0, **train}
+    cfg = tmp / "ppo.yaml"
+    cfg.write_text(
+        "recipe: ppo\nmodel: {name: 'tiny:llama'}\nadapter: {method: lora, r: 4, alpha: 8}\n"
+        f"data: {{train: {tmp / 'prompts.jsonl'}}}\n"
+        f"rl: {{reward: '{tmp / 'reward.py'}:letters', max_new_tokens: 6, ppo_epochs: 1, "
+        "minibatches: 1}\n"
+        f"train: {json.dumps(settings)}\n"
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("recipe,steps", [("sft", 150), ("ppo", 40)])
+def test_resume_after_sigkill_continues_the_same_loss_trajectory(tmp_path, recipe, steps):
+    """SFT (one global batch a step) and PPO (one rollout and its updates a step) are killed
+    mid-run and resumed through the same run lifecycle: the same losses, no step lost or
+    doubled, the same final weights."""
+    write = write_config if recipe == "sft" else write_ppo_config
+    cfg = write(tmp_path, max_steps=steps, eval_every=0, save_every=4, keep_last=2)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert tuneforge("train", str(cfg), "--set", f"output_dir={straight}").returncode == 0
 
@@ -84,18 +113,22 @@ def test_resume_after_sigkill_continues_the_same_loss_trajectory(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done = [s for s, _ in losses(killed)]
-    assert 10 <= len(done) < 150
+    assert 10 <= len(done) < steps
 
     resumed = tuneforge("train", str(cfg), "--set", f"output_dir={killed}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     a, b = losses(straight), losses(killed)
-    assert [s for s, _ in b] == list(range(1, 151))  # no step lost, none doubled
+    assert [s for s, _ in b] == list(range(1, steps + 1))  # no step lost, none doubled
     assert [loss for _, loss in a] == pytest.approx([loss for _, loss in b], rel=1e-6, abs=1e-7)
     wa = load_file(straight / "adapter" / "adapter_model.safetensors")
     wb = load_file(killed / "adapter" / "adapter_model.safetensors")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+    if recipe == "ppo":  # the value head is checkpointed with the adapter
+        torch.testing.assert_close(load_file(straight / "adapter" / "value_head.safetensors"),
+                                   load_file(killed / "adapter" / "value_head.safetensors"),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -17,11 +17,11 @@ from tuneforge.data.formats import parse_examples
 from tuneforge.data.packing import pack, pad
 from tuneforge.data.render import IGNORE_INDEX
 from tuneforge.errors import ConfigError
-from tuneforge.losses.causal_lm import SequenceLogProbs
 from tuneforge.models.adapters import prepare_model
 from tuneforge.models.loading import load_model
-from tuneforge.recipes.dpo import PreferenceObjective, render_pair
+from tuneforge.recipes.dpo import PreferenceObjective
 from tuneforge.train.loop import train
+from tuneforge.train.scoring import SequenceLogProbs, render_responses
 
 
 def pairs(tmp_path, n=8, seed=0):
@@ -29,7 +29,7 @@ def pairs(tmp_path, n=8, seed=0):
     path = write_jsonl(tmp_path / "pairs.jsonl", preference_records(n, seed))
     examples, problems = parse_examples(path)
     assert not problems
-    return [render_pair(e, tok) for e in examples]
+    return [render_responses(e, tok) for e in examples]
 
 
 def naive_sequence_logps(model, seqs, pad_id):
@@ -76,7 +76,7 @@ def test_adapters_off_reference_equals_a_frozen_copy(tmp_path):
     train(model, data, [], TrainConfig(batch_size=4, max_steps=3, lr=1e-2, bf16="false",
                                        progress=False, eval_every=0, save_every=0),
           tmp_path / "run", objective=objective)
-    objective.compute_reference(data, torch.device("cpu"))
+    objective.reference.compute(data, torch.device("cpu"))
     copy_scores = SequenceLogProbs(frozen)
     packed = pack([s for p in data for s in (p.chosen, p.rejected)])
     with torch.no_grad():
@@ -97,7 +97,7 @@ def test_dpo_grows_the_chosen_rejected_margin(tmp_path, method, reference):
     data = pairs(tmp_path, 16)
     objective = PreferenceObjective(model, "dpo", beta=0.5, reference=reference)
     if reference == "precompute":
-        objective.compute_reference(data, torch.device("cpu"))
+        objective.reference.compute(data, torch.device("cpu"))
     cfg = TrainConfig(batch_size=8, max_steps=12, lr=5e-3, bf16="false", progress=False,
                       eval_every=0, save_every=0, warmup_steps=0, schedule="constant")
     result = train(model, data, [], cfg, tmp_path / "run", objective=objective)

@@ -24,7 +24,8 @@ from tuneforge.models.adapters import prepare_model
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.models.loading import load_model
 from tuneforge.recipes import run_recipe
-from tuneforge.train.rollouts import Completion, PromptItem, Reference, TokenScores, score_tokens
+from tuneforge.train.rollouts import Completion, PromptItem
+from tuneforge.train.scoring import Reference, TokenLogProbs, score_tokens
 
 REWARD_CODE = '''
 def letters(prompts, completions, **columns):
@@ -154,9 +155,9 @@ def test_adapters_off_reference_gives_the_starting_models_log_probs():
     completions = [Completion(prompt, tok.encode(text), text, False)
                    for text in ("red and blue", "a", "It is green.")]
     cpu = torch.device("cpu")
-    policy = TokenScores(model).train()
-    via_adapters_off = Reference(model).logps(policy, completions, cpu)
-    frozen_copy = score_tokens(TokenScores(start).eval(), completions, cpu)
+    policy = TokenLogProbs(model).train()
+    via_adapters_off = Reference.for_rollouts(policy).token_logps(completions, cpu)
+    frozen_copy = score_tokens(TokenLogProbs(start).eval(), completions, cpu)
     mask = frozen_copy["mask"].bool()
     torch.testing.assert_close(via_adapters_off[mask], frozen_copy["logps"][mask], rtol=0, atol=1e-5)
     # the adapter does change the policy, and it is switched back on (and to training) after

@@ -38,6 +38,14 @@ def pack(examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
     }
 
 
+def score_packed(module, sequences: list[TokenizedExample], device: torch.device):
+    """Pack ``sequences`` into one row and run ``module`` on it (a scorer whose ``forward`` takes
+    ``(input_ids, targets, position_ids=, seq_lens=)``: tuneforge/train/scoring.py)."""
+    packed = pack(list(sequences))
+    return module(packed["input_ids"].to(device), packed["targets"].to(device),
+                  position_ids=packed["position_ids"].to(device), seq_lens=packed["seq_lens"])
+
+
 def pad(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """The same examples as a right-padded ``[B, L]`` batch with an attention mask.
 

@@ -362,6 +362,7 @@ def system_models(spec: str, few_shot: int) -> Iterator[tuple[str, object, objec
     A PEFT run stays in memory once: the base systems run inside ``disable_adapter()``. A full
     or freeze run holds whole weights, so the base model is loaded after the tuned one is freed.
     """
+    from tuneforge.models.adapters import has_adapter
     from tuneforge.models.loading import load_model
     from tuneforge.models.runs import find_run_output, load_for_inference
 
@@ -370,7 +371,7 @@ def system_models(spec: str, few_shot: int) -> Iterator[tuple[str, object, objec
     if output is None:
         yield from _base_systems(model, tokenizer, description, few_shot)
         return
-    if hasattr(model, "disable_adapter"):
+    if has_adapter(model):
         with model.disable_adapter():
             yield from _base_systems(model, tokenizer, description, few_shot)
         yield "tuned", model, tokenizer, description

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.data.render import IGNORE_INDEX
+from tuneforge.models.adapters import base_model
 
 CHUNK = 256
 """Trained positions projected onto the vocabulary at once: 256 x 49k fp32 logits is ~50 MB
-(1024 gave ~0.2 GB per transient and ~0.1 GB more peak per step on SmolLM2, at no speed gain)."""
+(larger chunks cost memory at no speed gain: bench/README.md, "What each change bought")."""
 
 
 def chunked_nll_sum(
@@ -43,8 +44,7 @@ class CausalLMLoss(nn.Module):
 
     def base(self) -> nn.Module:
         """The transformers model under any PEFT wrapper (its layers carry the adapters)."""
-        get_base = getattr(self.model, "get_base_model", None)
-        return get_base() if get_base is not None else self.model
+        return base_model(self.model)
 
     def forward(
         self,
@@ -145,23 +145,3 @@ class _TargetLogProbs(torch.autograd.Function):
                 grad_weight.to(weight.dtype) if need_weight else None,
                 grad_bias.to(bias.dtype) if need_bias else None,
                 None, None)
-
-
-class SequenceLogProbs(CausalLMLoss):
-    """``forward`` returns the summed target log-prob of each packed sequence: ``[S]`` and counts.
-
-    The sequence statistics preference and ranking losses start from (DPO's log pi(y|x)).
-    """
-
-    def forward(self, input_ids, targets, position_ids=None, attention_mask=None, seq_lens=None):
-        hidden = self.hidden(input_ids, position_ids, attention_mask, seq_lens)
-        logps = chunked_target_logps(hidden, self.base().get_output_embeddings(), targets,
-                                     self.chunk_size)
-        if seq_lens is None:  # one sequence per row of a padded batch
-            seq_lens = [targets.shape[-1]] * targets.shape[0]
-        seq_of = torch.repeat_interleave(torch.arange(len(seq_lens), device=targets.device),
-                                         torch.tensor(seq_lens, device=targets.device))
-        seq_of = seq_of[(targets != IGNORE_INDEX).reshape(-1)]
-        sums = logps.new_zeros(len(seq_lens)).index_add(0, seq_of, logps)
-        counts = torch.bincount(seq_of, minlength=len(seq_lens))
-        return sums, counts

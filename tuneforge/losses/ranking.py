@@ -28,18 +28,18 @@ def lipo_listmle_loss(logps: torch.Tensor, ref_logps: torch.Tensor,
     mask = resolve_mask(logps, mask)
     rewards = beta * (logps.float() - ref_logps.float())
     loss, metrics = plackett_luce_loss(rewards, mask)
-    metrics["reward_margin"] = _best_worst_gap(rewards.detach(), mask)
+    metrics["reward_margin"] = best_worst_gap(rewards.detach(), mask)[mask.sum(-1) >= 2].mean()
     return loss, metrics
 
 
-def _best_worst_gap(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over lists of ``values[first valid] - values[last valid]`` (lists of 2+ entries)."""
+def best_worst_gap(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each list's first (best) valid value minus its last (worst) valid one; 0 for a
+    list with fewer than two valid entries."""
     positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
     first = torch.where(mask, positions, mask.shape[-1]).min(-1).values.clamp(max=mask.shape[-1] - 1)
     last = torch.where(mask, positions, -1).max(-1).values.clamp(min=0)
-    gaps = values.gather(-1, first[:, None]) - values.gather(-1, last[:, None])
-    keep = mask.sum(-1) >= 2
-    return gaps[:, 0][keep].mean()
+    gaps = values.gather(-1, first[:, None])[:, 0] - values.gather(-1, last[:, None])[:, 0]
+    return torch.where(mask.sum(-1) >= 2, gaps, torch.zeros_like(gaps))
 
 
 def rrhf_loss(logps: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None,

@@ -133,3 +133,9 @@ def has_adapter(model: torch.nn.Module) -> bool:
     the model with its adapters off, and the run saves adapter/ rather than model/.
     """
     return hasattr(model, "disable_adapter")
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under any PEFT wrapper (its layers carry the adapters)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model

@@ -1,10 +1,11 @@
 """Attention for padding-free packed rows that never computes across example boundaries.
 
 With several examples packed in one row, transformers' SDPA path builds a block-diagonal
-``[T, T]`` mask and the kernel does the work of the whole ``T x T`` square: for 8 examples of
-~150 tokens that is ~8x the attention FLOPs actually needed, and it was a third of a LoRA step's
-time on CPU. Here each example runs its own causal SDPA call (``is_causal=True``, no mask
-tensor), which lets the kernel skip the masked half as well.
+``[T, T]`` mask and the kernel does the work of the whole ``T x T`` square: with ``k`` examples
+of similar length that is about ``k`` times the attention FLOPs actually needed (what it cost
+a LoRA step, measured: bench/README.md, "What each change bought"). Here each example runs its
+own causal SDPA call (``is_causal=True``, no mask tensor), which lets the kernel skip the
+masked half as well.
 
 The implementation is registered with transformers under the name ``tuneforge_packed``. It
 takes the packed path only when the caller passes ``packed_seq_lens`` (our loss wrapper does);
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from tuneforge.models.adapters import base_model
 
 NAME = "tuneforge_packed"
 
@@ -64,7 +67,7 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
     Returns False (and changes nothing) for models that do not dispatch attention through
     transformers' attention interface or use something other than SDPA/eager.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", NAME):
         return False

@@ -1,4 +1,8 @@
-"""A reward model: a causal LM with a scalar head, scoring (prompt, response) sequences.
+"""Scalar heads on a causal LM's final hidden state: the reward model, and PPO's value head.
+
+Both are ``Linear(hidden, 1)`` in fp32 (:func:`scalar_head`, the same initial weights in every
+process and rerun), saved next to the run's adapter/ or model/ as safetensors with ``weight``
+``[1, H]`` and ``bias`` ``[1]`` (:func:`save_scalar_head`), and named in its tuneforge.json.
 
 :class:`RewardModel` runs the LM's decoder (plain, or with a PEFT adapter active) and maps the
 final hidden state of each sequence's last token through ``Linear(hidden, 1)`` (kept in fp32,
@@ -40,11 +44,41 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tuneforge.data.example import Example, Message
-from tuneforge.data.packing import pack
+from tuneforge.data.packing import score_packed
 from tuneforge.data.render import TokenizedExample, render_response
 from tuneforge.errors import ModelLoadError
+from tuneforge.models.adapters import base_model
 
 HEAD_FILE = "reward_head.safetensors"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def scalar_head(hidden: int, std: float) -> nn.Linear:
+    """``Linear(hidden, 1)`` in fp32: normal weights of ``std`` from a fixed seed, zero bias."""
+    head = nn.Linear(hidden, 1, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # the same head for every process and rerun
+        torch.manual_seed(0)
+        nn.init.normal_(head.weight, std=std)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def save_scalar_head(head: nn.Linear, folder: Path, filename: str, key: str) -> dict:
+    """Write ``head`` as ``folder/filename``; returns its tuneforge.json entries (``key``)."""
+    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+               "bias": head.bias.detach().float().cpu().contiguous()}, str(folder / filename))
+    return {key: filename, "hidden_size": head.in_features}
+
+
+def make_value_head(model: nn.Module) -> nn.Linear:
+    """PPO's value head on ``model``'s final hidden states (small weights: values start near 0)."""
+    hidden = base_model(model).config.hidden_size
+    return scalar_head(hidden, 0.1 * hidden**-0.5)
+
+
+def save_value_head(head: nn.Linear, folder: Path) -> dict:
+    """Write the value head next to the adapter/model; returns its tuneforge.json entries."""
+    return save_scalar_head(head, folder, VALUE_HEAD_FILE, "value_head")
 
 
 class RewardModel(nn.Module):
@@ -54,12 +88,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.model = model
         base = self.get_base_model()
-        hidden = base.config.hidden_size
-        self.head = nn.Linear(hidden, 1, dtype=torch.float32)
-        with torch.random.fork_rng(devices=[]):  # the same head for every process and rerun
-            torch.manual_seed(0)
-            nn.init.normal_(self.head.weight, std=hidden**-0.5)
-        nn.init.zeros_(self.head.bias)
+        self.head = scalar_head(base.config.hidden_size, base.config.hidden_size**-0.5)
         out, inp = base.get_output_embeddings(), base.get_input_embeddings()
         if out is not None and out.weight is not inp.weight:
             # the vocabulary projection plays no part in a reward; an unused trainable weight
@@ -68,14 +97,15 @@ class RewardModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         """The transformers model under any PEFT wrapper (its layers carry the adapters)."""
-        get_base = getattr(self.model, "get_base_model", None)
-        return get_base() if get_base is not None else self.model
+        return base_model(self.model)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 seq_lens: list[int] | None = None) -> torch.Tensor:
         """Rewards ``[S]``: one per packed sequence (``seq_lens``; ``input_ids`` ``[1, T]``) or
-        per row of a padded batch (``attention_mask`` ``[B, L]``, padding on either side)."""
+        per row of a padded batch (``attention_mask`` ``[B, L]``, padding on either side).
+        ``targets`` is ignored (the signature of every packed-row scorer)."""
         extra = {"packed_seq_lens": seq_lens} if seq_lens is not None else {}
         hidden = self.get_base_model().get_decoder()(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -92,17 +122,12 @@ class RewardModel(nn.Module):
 
     def score_packed(self, sequences: Sequence[TokenizedExample], device: torch.device) -> torch.Tensor:
         """Rewards ``[S]`` of tokenized sequences, packed into one row."""
-        packed = pack(list(sequences))
-        return self(packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
-                    seq_lens=packed["seq_lens"])
+        return score_packed(self, sequences, device)
 
 
 def save_head(reward_model: RewardModel, folder: Path) -> dict:
     """Write the head's weights into ``folder``; return what tuneforge.json records of them."""
-    head = reward_model.head
-    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
-               "bias": head.bias.detach().float().cpu().contiguous()}, str(folder / HEAD_FILE))
-    return {"reward_head": HEAD_FILE, "hidden_size": head.in_features}
+    return save_scalar_head(reward_model.head, folder, HEAD_FILE, "reward_head")
 
 
 class RewardScorer:

@@ -26,14 +26,12 @@ from tuneforge.train.loop import train
 from tuneforge.train.progress import say
 from tuneforge.train.rollouts import (
     PromptItem,
-    Reference,
     Sampler,
-    TokenScores,
     finish_online_run,
     rollout_stats,
-    score_tokens,
     start_online_run,
 )
+from tuneforge.train.scoring import Reference, TokenLogProbs, score_tokens
 
 DEFAULT_GROUP = 4
 
@@ -56,11 +54,11 @@ class GRPOObjective:
 
     def __init__(self, model: nn.Module, tokenizer, reward_fn: RewardFn, rl: RLConfig) -> None:
         use_packed_attention(model)  # before a full fine-tuning reference copies the model
-        self.module = TokenScores(model)
+        self.module = TokenLogProbs(model)
         self.rl = rl
         self.group = rl.num_generations or DEFAULT_GROUP
         self.sampler = Sampler(tokenizer, reward_fn, rl, group=self.group)
-        self.reference = Reference(model) if rl.kl_coef else None
+        self.reference = Reference.for_rollouts(self.module) if rl.kl_coef else None
         self.compile_auto = False  # new/old ratios and the KL: see train.compile.use_compile
         self.metric_keys = ("reward", "reward_std", "zero_std_fraction", "completion_length",
                             "stopped", "entropy", "clipfrac") + (("kl",) if rl.kl_coef else ())
@@ -78,7 +76,7 @@ class GRPOObjective:
         scored = score_tokens(module, completions, device)
         ref = None
         if self.reference is not None:
-            ref = self.reference.logps(self.module, completions, device)
+            ref = self.reference.token_logps(completions, device)
         loss, stats = grpo_loss(scored["logps"], None, ref, advantages, scored["mask"],
                                 self.rl.clip_range, self.rl.kl_coef, self.rl.aggregation)
         n = len(completions)

@@ -8,11 +8,11 @@ them with the reward function, per-token rewards = score on the last token minus
 step on the clipped surrogate plus ``rl.vf_coef`` x the clipped value loss -> save adapter or
 model with ``value_head.safetensors`` next to it, loss and reward curves, summary.
 
-Why a loop of its own: the shared loop (train/loop.py) takes one optimizer step per global
+Why a step of its own: the shared loop (train/loop.py) takes one optimizer step per global
 batch, while PPO takes ``ppo_epochs x minibatches`` steps on each rollout, from log-probs and
-values frozen when the rollout was made. The pieces are the shared ones: the data order
-(:func:`global_batches`), AdamW and the schedule, accelerate, checkpoints, metrics.jsonl and
-the progress bar.
+values frozen when the rollout was made. Everything around the step is shared: the run
+lifecycle (train/lifecycle.py: resume, metrics.jsonl, checkpoints, progress, validation
+logging), the data order (:func:`global_batches`), AdamW and the schedule, accelerate.
 
 Units: a logged ``step`` is one rollout (``train.batch_size x train.grad_accum`` prompts per
 process, ``rl.num_generations`` completions each); ``train.max_steps`` counts rollouts; the
@@ -24,14 +24,10 @@ policy's final hidden states, sharing the trunk (and the adapter) with the polic
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from tuneforge.config import RLConfig, RunConfig
@@ -44,51 +40,26 @@ from tuneforge.losses.rl import (
     ppo_value_loss,
 )
 from tuneforge.models.attention import use_packed_attention
-from tuneforge.train import checkpoint as ckpt
+from tuneforge.models.heads import make_value_head, save_value_head
 from tuneforge.train.compile import CompiledLayers, compiled_layers, use_compile
-from tuneforge.train.lifecycle import TrainResult
+from tuneforge.train.lifecycle import RunLifecycle, TrainResult
 from tuneforge.train.loop import (
-    _read_metrics,
-    _truncate_metrics,
     global_batches,
     lr_lambda,
     make_optimizer,
     total_steps,
     use_bf16,
 )
-from tuneforge.train.progress import Progress, say
+from tuneforge.train.progress import say
 from tuneforge.train.rollouts import (
     Completion,
     PromptItem,
-    Reference,
     Sampler,
-    TokenScores,
     finish_online_run,
     rollout_stats,
-    score_tokens,
     start_online_run,
 )
-
-VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-def make_value_head(model: nn.Module) -> nn.Linear:
-    """``Linear(hidden, 1)`` in fp32, small random weights from a fixed seed, zero bias."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.config.hidden_size
-    head = nn.Linear(hidden, 1, dtype=torch.float32)
-    with torch.random.fork_rng(devices=[]):  # the same head for every process and rerun
-        torch.manual_seed(0)
-        nn.init.normal_(head.weight, std=0.1 * hidden**-0.5)
-    nn.init.zeros_(head.bias)
-    return head
-
-
-def save_value_head(head: nn.Linear, folder: Path) -> dict:
-    """Write the value head next to the adapter/model; returns its tuneforge.json entries."""
-    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
-               "bias": head.bias.detach().float().cpu().contiguous()}, str(folder / VALUE_HEAD_FILE))
-    return {"value_head": VALUE_HEAD_FILE, "hidden_size": head.in_features}
+from tuneforge.train.scoring import Reference, TokenLogProbs, score_tokens
 
 
 @dataclasses.dataclass
@@ -110,8 +81,8 @@ class PPO:
     def __init__(self, model: nn.Module, tokenizer, reward_fn, rl: RLConfig) -> None:
         use_packed_attention(model)  # before a full fine-tuning reference copies the model
         self.rl = rl
-        self.reference = Reference(model)
-        self.module = TokenScores(model, make_value_head(model))
+        self.module = TokenLogProbs(model, make_value_head(model))
+        self.reference = Reference.for_rollouts(self.module)
         self.sampler = Sampler(tokenizer, reward_fn, rl, group=rl.num_generations or 1)
 
     @torch.no_grad()
@@ -122,7 +93,7 @@ class PPO:
         wrapper.eval()
         with autocast():
             scored = score_tokens(wrapper, completions, device)
-            ref = self.reference.logps(self.module, completions, device)
+            ref = self.reference.token_logps(completions, device)
         mask, logps, values = scored["mask"], scored["logps"].float(), scored["values"].float()
         scores = torch.tensor([c.score for c in completions], device=device)
         rewards, kl_stats = kl_penalized_rewards(scores, logps, ref.float(), mask, self.rl.kl_coef)
@@ -193,36 +164,12 @@ def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], c
                            auto=False)  # new/old ratios and the KL compare passes: see use_compile
     layers = CompiledLayers(ppo.module) if compiled else None
 
-    ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
-    state = {"tokens": 0, "trained_tokens": 0, "optimizer_steps": 0, "seconds": 0.0}
-    start = 0
-    if resume and (latest := ckpt.latest_checkpoint(ckpt_root)) is not None:
-        saved = ckpt.load_checkpoint(latest, model=acc.unwrap_model(wrapper), optimizer=optimizer,
-                                     rank=rank)
-        scheduler.load_state_dict(saved["scheduler"])
-        state.update({k: saved[k] for k in state})
-        start = saved["step"]
-        if acc.is_main_process:
-            _truncate_metrics(metrics_path, start)
-            print(f"tuneforge: resumed from {latest} (rollout {start}/{rollouts})",
-                  file=sys.stderr, flush=True)
-    elif acc.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
-    history = _read_metrics(metrics_path) if acc.is_main_process else []
-
-    def log(record: dict) -> None:
-        if acc.is_main_process:
-            history.append(record)
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
+    life = RunLifecycle(run_dir, cfg, acc, rollouts, acc.unwrap_model(wrapper), optimizer,
+                        scheduler, resume=resume, select_best=False,
+                        state={"optimizer_steps": 0}, unit="rollout")
     per_process = cfg.batch_size * cfg.grad_accum
-    batches = global_batches(len(train_set), per_process * world, cfg.seed, start)
-    progress = Progress(rollouts, start, enabled=cfg.progress and acc.is_main_process)
-    t_start = time.perf_counter() - state["seconds"]
-    step, last_loss = start, None
-    for step in range(start + 1, rollouts + 1):
-        t0 = time.perf_counter()
+    batches = global_batches(len(train_set), per_process * world, cfg.seed, life.start_step)
+    for step in life.steps_to_run():
         indices = next(batches)[rank * per_process : (rank + 1) * per_process]
         with compiled_layers(layers):
             ro = ppo.rollout(wrapper, [train_set[i] for i in indices], acc.device, autocast)
@@ -247,40 +194,20 @@ def ppo_loop(ppo: PPO, train_set: list[PromptItem], val_set: list[PromptItem], c
         # means over this process's updates and rollout, then over processes
         means = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean"))
                  for k, v in sorted(({k: v / updates for k, v in sums.items()} | ro.stats).items())}
-        last_loss = means["loss"]
         prompts = {id(c.prompt): c.prompt for c in ro.completions}.values()
         counts = torch.tensor([sum(p.rollout_tokens for p in prompts), float(ro.mask.sum())],
                               device=acc.device)
         step_tokens, trained = (int(x) for x in acc.reduce(counts, "sum").tolist())
-        state["tokens"] += step_tokens
-        state["trained_tokens"] += trained
-        state["optimizer_steps"] += int(updates)
-        state["seconds"] = time.perf_counter() - t_start
+        life.state["optimizer_steps"] += int(updates)
         record = {"step": step, "epoch": round(step * per_process * world / len(train_set), 4),
-                  "optimizer_steps": state["optimizer_steps"], "lr": scheduler.get_last_lr()[0],
+                  "optimizer_steps": life.state["optimizer_steps"], "lr": scheduler.get_last_lr()[0],
                   **means, "tokens": step_tokens, "trained_tokens": trained,
-                  "tokens_per_s": step_tokens / (time.perf_counter() - t0),
-                  "elapsed_s": state["seconds"]}
-        if step % cfg.log_every == 0 or step == rollouts:
-            log(record)
-        progress.update(step, last_loss, record["tokens_per_s"])
-
-        if val_set and ((cfg.eval_every and step % cfg.eval_every == 0) or step == rollouts):
-            val_reward = validation_reward(ppo, val_set, cfg.batch_size, acc)
-            log({"step": step, "val_reward": val_reward})
-            progress.note(f"step {step}: val_reward {val_reward:.4f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == rollouts:
-            ckpt.save_checkpoint(ckpt_root, step, model=acc.unwrap_model(wrapper),
-                                 optimizer=optimizer,
-                                 state={**state, "scheduler": scheduler.state_dict()},
-                                 rank=rank, barrier=acc.wait_for_everyone)
-            if acc.is_main_process:
-                ckpt.prune_checkpoints(ckpt_root, cfg.keep_last, set())
-    progress.close()
-    acc.wait_for_everyone()
-    return TrainResult(steps=step, final_loss=last_loss, best_metric=None, best_step=None,
-                       stopped_early=False, trained_tokens=state["trained_tokens"],
-                       tokens=state["tokens"], seconds=state["seconds"], history=history)
+                  "tokens_per_s": step_tokens / life.step_seconds(), "elapsed_s": life.elapsed()}
+        life.step_done(step, record, means["loss"], tokens=step_tokens, trained_tokens=trained)
+        if val_set and life.eval_due(step):
+            life.validated(step, {"val_reward": validation_reward(ppo, val_set, cfg.batch_size, acc)})
+        life.checkpoint(step)
+    return life.finish()
 
 
 def validation_reward(ppo: PPO, val_set: list[PromptItem], batch_size: int, acc) -> float:

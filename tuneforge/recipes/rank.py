@@ -28,18 +28,16 @@ from torch import nn
 
 from tuneforge.config import RunConfig
 from tuneforge.data.splits import load_splits, tokenize_all
-from tuneforge.losses.causal_lm import SequenceLogProbs
-from tuneforge.losses.ranking import lipo_listmle_loss, rrhf_loss
+from tuneforge.losses.ranking import best_worst_gap, lipo_listmle_loss, rrhf_loss
 from tuneforge.models.loading import load_tokenizer
-from tuneforge.recipes.reward_model import best_worst_gap
 from tuneforge.train.loop import train
+from tuneforge.train.objectives import ResponsesObjective
 from tuneforge.train.progress import say
 from tuneforge.train.run_folder import check_run_dir, finish_run, setup_model
 from tuneforge.train.scoring import (
-    TokenizedResponses,
+    Reference,
+    SequenceLogProbs,
     as_lists,
-    precompute_reference,
-    reference_logps,
     render_responses,
     resolve_reference,
     score_sequences,
@@ -50,22 +48,16 @@ METRIC_KEYS = {"lipo": ("pairwise_accuracy", "kendall_tau", "spearman", "logp_ma
                         "sft_loss")}
 
 
-class RankObjective:
+class RankObjective(ResponsesObjective):
     """Sequence log-probs of each list's responses -> a listwise loss, summed over lists."""
 
     def __init__(self, model: nn.Module, loss: str = "lipo", beta: float = 0.1,
                  sft_weight: float = 1.0, reference: str = "cached") -> None:
         self.module = SequenceLogProbs(model)
         self.loss_name, self.beta, self.sft_weight = loss, beta, sft_weight
-        self.reference = reference if loss == "lipo" else "none"
-        self.compile_auto = self.reference == "none"  # see train.compile.use_compile
+        self.reference = Reference(self.module, reference) if loss == "lipo" else None
+        self.compile_auto = self.reference is None  # see train.compile.use_compile
         self.metric_keys = METRIC_KEYS[loss]
-
-    def weight(self, items) -> int:
-        return len(items)
-
-    def tokens(self, item: TokenizedResponses) -> int:
-        return sum(len(s) for s in item.sequences)
 
     def loss(self, module, items, device):
         logps, counts = score_sequences(module, items, device)
@@ -73,7 +65,7 @@ class RankObjective:
         policy, mask = as_lists(logps, lengths)
         tokens = as_lists(counts.float(), lengths)[0]
         if self.loss_name == "lipo":
-            ref = as_lists(reference_logps(self.module, items, device, self.reference), lengths)[0]
+            ref = as_lists(self.reference.sequence_logps(items, device), lengths)[0]
             loss, m = lipo_listmle_loss(policy, ref, mask, beta=self.beta)
         else:
             loss, m = rrhf_loss(policy, tokens, mask, sft_weight=self.sft_weight)
@@ -96,20 +88,21 @@ def run_rank(config: RunConfig, *, resume: bool = False, overwrite: bool = False
 
     model, tokenizer, acc, params = setup_model(config, run_dir, resume=resume)
     rank = config.rank
-    reference = resolve_reference(rank.reference, config.adapter.method)
-    objective = RankObjective(model, rank.loss, rank.beta, rank.sft_weight, reference)
+    objective = RankObjective(model, rank.loss, rank.beta, rank.sft_weight,
+                              resolve_reference(rank.reference, model))
+    reference = objective.reference.mode if objective.reference else "none"
     if acc.is_main_process:
         what = f"beta {rank.beta}" if rank.loss == "lipo" else f"sft_weight {rank.sft_weight}"
         say(f"{len(train_set)} train / {len(val_set)} validation ranked lists; {rank.loss} "
             f"({what}); training {params['trainable']:,} of {params['total']:,} parameters "
             f"({config.adapter.method}) on {acc.device} x{acc.num_processes}")
-    if objective.reference == "precompute":
-        precompute_reference(objective.module, train_set + val_set, acc, config.train.bf16,
-                             config.train.batch_size)
+    if reference == "precompute":  # before any update, and before resuming loads trained weights
+        objective.reference.precompute(train_set + val_set, acc, config.train.bf16,
+                                       config.train.batch_size)
 
     result = train(model, train_set, val_set, config.train, run_dir, resume=resume, accelerator=acc,
                    objective=objective)
-    extra = {"rank_loss": rank.loss, "reference": objective.reference}
+    extra = {"rank_loss": rank.loss, "reference": reference}
     for key in ("val_pairwise_accuracy", "val_logp_margin"):
         extra[f"best_{key}"] = result.val_at_best(key)
     return finish_run(model, tokenizer, config, run_dir, result, acc, params,

@@ -24,13 +24,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from tuneforge.config import RunConfig
 from tuneforge.data.example import Example
-from tuneforge.data.packing import pack
 from tuneforge.data.splits import load_splits, tokenize_all
 from tuneforge.errors import DataError
+from tuneforge.losses.ranking import best_worst_gap
 from tuneforge.losses.reward import (
     all_pairs_loss,
     bradley_terry_loss,
@@ -43,9 +42,16 @@ from tuneforge.models.adapters import trainable_summary
 from tuneforge.models.heads import RewardModel, save_head
 from tuneforge.models.loading import load_tokenizer
 from tuneforge.train.loop import train
+from tuneforge.train.objectives import ResponsesObjective
 from tuneforge.train.progress import say
 from tuneforge.train.run_folder import check_run_dir, finish_run, setup_model
-from tuneforge.train.scoring import TokenizedResponses, as_lists, render_responses
+from tuneforge.train.scoring import (
+    SequenceRewards,
+    TokenizedResponses,
+    as_lists,
+    render_responses,
+    score_packed,
+)
 
 LOSS_KINDS = {"bradley_terry": ("preference",), "plackett_luce": ("ranking", "preference"),
               "all_pairs": ("ranking", "preference"), "regression": ("rating",)}
@@ -87,18 +93,7 @@ def render_rewarded(example: Example, tokenizer, max_length: int | None = None, 
     return item
 
 
-class _Scores(nn.Module):
-    """What the loop trains: holds the reward model as ``.model`` (checkpointed with its head)."""
-
-    def __init__(self, reward_model: RewardModel) -> None:
-        super().__init__()
-        self.model = reward_model
-
-    def forward(self, input_ids, position_ids, seq_lens) -> torch.Tensor:
-        return self.model(input_ids, position_ids=position_ids, seq_lens=seq_lens)
-
-
-class RewardObjective:
+class RewardObjective(ResponsesObjective):
     """Rewards of every response in a micro-batch -> a reward loss, summed over examples.
 
     An example is one pair, ranking or rating, so losses and metrics are means over examples.
@@ -107,21 +102,13 @@ class RewardObjective:
 
     def __init__(self, reward_model: RewardModel, loss: str = "bradley_terry",
                  center_coefficient: float = 0.0) -> None:
-        self.module = _Scores(reward_model)
+        self.module = SequenceRewards(reward_model)
         self.loss_name = loss
         self.center_coefficient = center_coefficient
         self.metric_keys = METRIC_KEYS[loss]
 
-    def weight(self, items) -> int:
-        return len(items)
-
-    def tokens(self, item: TokenizedResponses) -> int:
-        return sum(len(s) for s in item.sequences)
-
     def loss(self, module, items, device):
-        packed = pack([seq for item in items for seq in item.sequences])
-        rewards = module(packed["input_ids"].to(device), packed["position_ids"].to(device),
-                         packed["seq_lens"])
+        rewards = score_packed(module, [seq for item in items for seq in item.sequences], device)
         _keep_scores(items, rewards)
         if self.loss_name == "regression":
             loss, metrics = self._regression(items, rewards)
@@ -153,12 +140,6 @@ class RewardObjective:
         targets = torch.tensor([it.targets[0] for it in items], device=rewards.device)
         loss, m = regression_loss(rewards, targets)
         return loss, {"mae": m["mae"], "mean_reward": rewards.mean()}
-
-
-def best_worst_gap(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B]``: each list's first (best) value minus its last valid (worst) one."""
-    last = (mask.sum(-1) - 1).clamp(min=0)
-    return values[:, 0] - values.gather(1, last[:, None])[:, 0]
 
 
 def _keep_scores(items, rewards: torch.Tensor) -> None:

@@ -3,16 +3,15 @@
 What a compiled decoder layer buys is fusion: RMSNorm, rotary embeddings, SiLU, the LoRA
 scaling, residual adds and autocast's casts become a few generated C++ (or Triton) loops instead
 of dozens of separate element-wise kernels, each reading and writing the whole activation, and
-fewer intermediate tensors are kept for backward. On a 2-core CPU, fixed packed batches of
-SmolLM2-135M (bf16 autocast) went from 440 to 720 tokens/s with LoRA (peak 5.9 -> 4.2 GB) and
-from 440 to 500 with full fine-tuning (7.2 -> 5.0 GB); with gradient checkpointing as well,
-LoRA ran 600 tokens/s in 2.5 GB (bench/README.md has the benchmark's figures). The matmuls and
+fewer intermediate tensors are kept for backward: more tokens/s at a lower peak, with LoRA
+most (what it bought, measured: bench/README.md, "What each change bought"). The matmuls and
 the attention kernels are the same ones either way.
 
 Every layer is compiled on its own, with dynamic shapes, rather than the whole model: the layers
 share one code object, so one graph serves all of them (compiling the model as one graph took
-~4 minutes on the same CPU for no more speed), and packed rows of any length reuse it. The first
-step pays the compilation (~45 s on 2 cores, ~15 s once Inductor's on-disk cache is warm).
+minutes for no more speed), and packed rows of any length reuse it. The first step pays the
+compilation (less once Inductor's on-disk cache is warm; the benchmarks' ``first step s``
+column, bench/README.md).
 
 Compiled calls are switched on only around the loop's own loss computations (:func:`compiled_layers`),
 reference and old-policy passes included, and not for calls with a KV cache (sampling in GRPO

@@ -1,6 +1,8 @@
 """The shared training loop: one optimizer step = one global batch, however it is split.
 
-Every recipe trains through :func:`train`. What it guarantees:
+Every recipe but PPO trains through :func:`train`; its run folder, resume, checkpoints, logging
+and early stopping are the run lifecycle's (train/lifecycle.py), which PPO's loop drives too.
+What the step guarantees:
 
 - **Deterministic data order.** Epoch ``e`` visits the examples in a permutation seeded by
   ``(seed, e)``; optimizer step ``k`` takes the next ``global_batch`` examples of that stream.
@@ -16,10 +18,8 @@ Every recipe trains through :func:`train`. What it guarantees:
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,15 +27,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from tuneforge.config import TrainConfig, lower_is_better
+from tuneforge.config import TrainConfig
 from tuneforge.errors import ConfigError
+from tuneforge.models.adapters import base_model
 from tuneforge.models.attention import use_packed_attention
-from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.compile import CompiledLayers, compiled_layers, use_compile
-from tuneforge.train.lifecycle import EvalHook, TrainResult, current_eval_hook
+from tuneforge.train.lifecycle import EvalHook, RunLifecycle, TrainResult
 from tuneforge.train.memory import release_free_memory
 from tuneforge.train.objectives import CausalLMObjective, Objective
-from tuneforge.train.progress import Progress
 
 MetricsFn = Callable[[torch.nn.Module], dict[str, float]]
 
@@ -156,7 +155,6 @@ def train(
     the run.
     """
     acc = accelerator or make_accelerator()
-    on_eval = on_eval or current_eval_hook()
     world, rank = acc.num_processes, acc.process_index
     torch.manual_seed(cfg.seed + rank)
     steps = total_steps(len(train_set), cfg, world)
@@ -177,49 +175,16 @@ def train(
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     wrapper, optimizer = acc.prepare(objective.module, optimizer)
+    life = RunLifecycle(run_dir, cfg, acc, steps, acc.unwrap_model(wrapper).model, optimizer,
+                        scheduler, resume=resume, on_eval=on_eval)
 
-    ckpt_root = run_dir / "checkpoints"
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
-    state = {"best_metric": None, "best_step": None, "bad_evals": 0, "tokens": 0,
-             "trained_tokens": 0, "seconds": 0.0}
-    start_step = 0
-    if resume and (latest := ckpt.latest_checkpoint(ckpt_root)) is not None:
-        saved = ckpt.load_checkpoint(latest, model=acc.unwrap_model(wrapper).model,
-                                     optimizer=optimizer, rank=rank)
-        scheduler.load_state_dict(saved["scheduler"])
-        state.update({k: saved[k] for k in state})
-        start_step = saved["step"]
-        if acc.is_main_process:
-            _truncate_metrics(metrics_path, start_step)
-            print(f"tuneforge: resumed from {latest} (step {start_step}/{steps})", file=sys.stderr,
-                  flush=True)
-    elif acc.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
-
-    history = _read_metrics(metrics_path) if acc.is_main_process else []
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    batches = global_batches(len(train_set), global_batch, cfg.seed, start_step)
-    progress = Progress(steps, start_step, enabled=cfg.progress and acc.is_main_process)
+    batches = global_batches(len(train_set), global_batch, cfg.seed, life.start_step)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     # under gradient checkpointing (memory first) the CPU heap is trimmed after every step
     trim_heap = cfg.gradient_checkpointing and acc.device.type == "cpu"
-    minimise = lower_is_better(cfg.metric_for_best)
-    stopped_early = False
-    stop_note = ""
-    last_loss = None
-    step = start_step
-    t_start = time.perf_counter() - state["seconds"]
 
-    def log(record: dict) -> None:
-        if acc.is_main_process:
-            history.append(record)
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    for step in range(start_step + 1, steps + 1):
-        t0 = time.perf_counter()
+    for step in life.steps_to_run():
         batch = [train_set[i] for i in next(batches)]
         # every rank sees the whole global batch's indices, so the normaliser needs no all-reduce
         weight = objective.weight(batch) or 1
@@ -243,23 +208,17 @@ def train(
         if trim_heap:
             release_free_memory()
 
-        last_loss = float(acc.reduce(loss_total, "sum")) / weight
+        loss_value = float(acc.reduce(loss_total, "sum")) / weight
         step_tokens = sum(objective.tokens(ex) for ex in batch)
-        state["tokens"] += step_tokens
-        state["trained_tokens"] += weight
-        elapsed = time.perf_counter() - t0
-        state["seconds"] = time.perf_counter() - t_start
         record = {"step": step, "epoch": round(step * global_batch / len(train_set), 4),
-                  "loss": last_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "tokens": step_tokens, "trained_tokens": weight,
-                  "tokens_per_s": step_tokens / elapsed, "elapsed_s": state["seconds"]}
+                  "tokens_per_s": step_tokens / life.step_seconds(), "elapsed_s": life.elapsed()}
         record.update(_means(sums, weight, acc))
-        if step % cfg.log_every == 0 or step == steps:
-            log(record)
-        progress.update(step, last_loss, record["tokens_per_s"])
+        life.step_done(step, record, loss_value, tokens=step_tokens, trained_tokens=weight)
 
         improved = False
-        if val_set and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+        if val_set and life.eval_due(step):
             val = {f"val_{k}": v for k, v in
                    evaluate(objective, wrapper, val_set, cfg.batch_size, acc, autocast).items()}
             if "val_loss" in val:
@@ -268,43 +227,9 @@ def train(
                 val.update({f"val_{k}": float(v) for k, v in
                             metrics_fn(acc.unwrap_model(wrapper).model).items()})
                 wrapper.train()
-            if cfg.metric_for_best not in val:
-                raise ConfigError(f"train.metric_for_best={cfg.metric_for_best!r} is not among "
-                                  f"the validation metrics: {', '.join(sorted(val))}")
-            value, best = val[cfg.metric_for_best], state["best_metric"]
-            delta = cfg.early_stopping_min_delta
-            improved = best is None or (value < best - delta if minimise else value > best + delta)
-            if improved:
-                state.update(best_metric=value, best_step=step, bad_evals=0)
-            else:
-                state["bad_evals"] += 1
-            log({"step": step, **val})
-            progress.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
-                          + (" (best)" if improved else ""))
-            patience = cfg.early_stopping_patience
-            stopped_early = bool(patience and state["bad_evals"] >= patience and step < steps)
-            stop_note = (f"no improvement of {cfg.metric_for_best} in {patience} evaluations"
-                         if stopped_early else "")
-            if on_eval is not None and on_eval(step, val) and step < steps:
-                stopped_early, stop_note = True, "stopped by the on_eval hook (e.g. a sweep's pruner)"
-
-        periodic = cfg.save_every and step % cfg.save_every == 0
-        if periodic or improved or step == steps or stopped_early:
-            _save(acc, wrapper, optimizer, scheduler, state, ckpt_root, step, cfg.keep_last)
-        if stopped_early:
-            progress.note(f"early stopping at step {step}: {stop_note}")
-            break
-    progress.close()
-
-    if state["best_step"] is not None and val_set:
-        # The run's result is its best checkpoint, not its last step.
-        best_dir = ckpt_root / f"{ckpt.STEP_PREFIX}{state['best_step']:06d}"
-        ckpt.load_trainable(best_dir, acc.unwrap_model(wrapper).model)
-    acc.wait_for_everyone()
-    return TrainResult(steps=step, final_loss=last_loss, best_metric=state["best_metric"],
-                       best_step=state["best_step"], stopped_early=stopped_early,
-                       trained_tokens=state["trained_tokens"], tokens=state["tokens"],
-                       seconds=state["seconds"], history=history)
+            improved = life.validated(step, val)
+        life.checkpoint(step, improved)
+    return life.finish()
 
 
 def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
@@ -341,28 +266,5 @@ def evaluate(objective: Objective, wrapper, examples: list, batch_size: int, acc
     return out
 
 
-def _save(acc, wrapper, optimizer, scheduler, state, root, step, keep_last) -> None:
-    model = acc.unwrap_model(wrapper).model
-    ckpt.save_checkpoint(root, step, model=model, optimizer=optimizer,
-                         state={**state, "scheduler": scheduler.state_dict()},
-                         rank=acc.process_index, barrier=acc.wait_for_everyone)
-    if acc.is_main_process:
-        keep = {f"{ckpt.STEP_PREFIX}{state['best_step']:06d}"} if state["best_step"] else set()
-        ckpt.prune_checkpoints(root, keep_last, keep)
-
-
 def _enable_gradient_checkpointing(model) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (the killed run's tail)."""
-    kept = [r for r in _read_metrics(path) if r["step"] <= step]
-    ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

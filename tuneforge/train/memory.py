@@ -3,11 +3,10 @@
 PyTorch's CPU tensors come from the C allocator. With glibc, a step's activations of ever
 different sizes (packed rows vary in length) leave holes in the heap that the next step's larger
 blocks do not fit, so the resident set creeps up step after step although each step needs about
-the same: on a LoRA run of SmolLM2-135M with gradient checkpointing, ~3.8 GB after 14 steps where
-the first steps needed ~2.3 GB. ``malloc_trim(0)`` returns the free pages (at the top of the heap
-and inside it) once per step; the next step faults them back in. That costs little when a step
-churns little memory (checkpointing) and ~15% when it churns a lot (no checkpointing), which is
-why the loop trims only under gradient checkpointing (bench/README.md has the figures).
+the same. ``malloc_trim(0)`` returns the free pages (at the top of the heap and inside it) once
+per step; the next step faults them back in. That costs little when a step churns little memory
+(checkpointing) and much when it churns a lot (no checkpointing), which is why the loop trims
+only under gradient checkpointing (measured: bench/README.md, "What each change bought").
 """
 
 from __future__ import annotations

@@ -61,3 +61,15 @@ class CausalLMObjective:
         nll, _ = module(packed["input_ids"].to(device), packed["targets"].to(device),
                         position_ids=packed["position_ids"].to(device), seq_lens=packed["seq_lens"])
         return nll, {}
+
+
+class ResponsesObjective:
+    """Base of the objectives whose examples are prompts with their responses
+    (:class:`tuneforge.train.scoring.TokenizedResponses`: pairs, rankings, ratings, unpaired):
+    losses and metrics are sums over examples, and an example's tokens are all its sequences'."""
+
+    def weight(self, items: Sequence[Any]) -> int:
+        return len(items)
+
+    def tokens(self, item: Any) -> int:
+        return sum(len(s) for s in item.sequences)

@@ -1,16 +1,12 @@
-"""What the online recipes (PPO, GRPO) share: prompts in, scored completions and their per-token
-log-probs out.
+"""What the online recipes (PPO, GRPO) share: prompts in, sampled completions with their rewards
+out.
 
 prompt file (``load_prompts``) -> :class:`PromptItem` (token ids + the columns a reward reads)
 -> :func:`sample` completions with the policy (batched, KV-cached generation from
 tuneforge.generation) and score them with the reward function -> :class:`Completion` (prompt +
-completion token ids) -> :func:`score_tokens`: the completions packed padding-free into one row,
-one forward pass, per-token log-probs (and entropies, values) as right-padded ``[B, T]``
-tensors, the shapes tuneforge.losses.rl takes.
-
-The reference policy (:class:`Reference`) is the model with its adapters switched off, never a
-second copy in memory; only full fine-tuning, which has no frozen weights to fall back on, keeps
-a frozen copy.
+completion token ids), which tuneforge/train/scoring.py scores token by token under the policy
+and the reference (``score_tokens``, ``Reference.token_logps``: right-padded ``[B, T]`` tensors,
+the shapes tuneforge.losses.rl takes).
 
 :func:`start_online_run` and :func:`finish_online_run` are the first and last lines both
 recipes share (run folder, reward, prompts, model; reward.png and the reward summary).
@@ -18,23 +14,19 @@ recipes share (run folder, reward, prompts, model; reward.png and the reward sum
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.config import RLConfig, RunConfig
 from tuneforge.data.example import Example
-from tuneforge.data.packing import pack
 from tuneforge.data.render import IGNORE_INDEX, TokenizedExample, render_prompt
 from tuneforge.errors import DataError
 from tuneforge.generation import generate_batch
-from tuneforge.losses.causal_lm import CausalLMLoss
 from tuneforge.models.loading import load_tokenizer
 from tuneforge.rewards import RewardFn, call_reward, load_reward_fn
 from tuneforge.train.plots import plot_metric
@@ -196,89 +188,6 @@ def rollout_stats(completions: list[Completion]) -> dict[str, float]:
     return {"reward": sum(c.score for c in completions) / n,
             "completion_length": sum(len(c.ids) for c in completions) / n,
             "stopped": sum(c.stopped for c in completions) / n}
-
-
-# ------------------------------------------------------------------------------- scoring
-
-
-class TokenScores(CausalLMLoss):
-    """Wraps the policy (and PPO's value head) so that ``forward`` scores packed completions.
-
-    ``forward`` returns flat ``[N]`` tensors over the N completion tokens of the packed row, in
-    order: ``logps`` (log-prob of each sampled token, differentiable), ``entropy`` (of the
-    policy at that position, detached) and, with a value head, ``values`` (the value of the
-    state the token was sampled in: the final hidden state one position before it).
-    """
-
-    def __init__(self, model: nn.Module, value_head: nn.Module | None = None,
-                 chunk_size: int = 256) -> None:
-        super().__init__(model, chunk_size)
-        self.value_head = value_head
-
-    def forward(self, input_ids, targets, position_ids=None, attention_mask=None, seq_lens=None):
-        hidden = self.hidden(input_ids, position_ids, attention_mask, seq_lens)
-        keep = targets != IGNORE_INDEX
-        rows, wanted = hidden[keep], targets[keep]
-        head = self.base().get_output_embeddings()
-        logps, entropy = [], []
-        for lo in range(0, rows.shape[0], self.chunk_size):
-            # fp32 log-softmax of one chunk of positions at a time: [chunk, vocabulary]
-            logp = F.log_softmax(head(rows[lo : lo + self.chunk_size]).float(), dim=-1)
-            logps.append(logp.gather(-1, wanted[lo : lo + self.chunk_size, None])[:, 0])
-            with torch.no_grad():
-                entropy.append(-(logp.exp() * logp).sum(-1))
-        out = {"logps": torch.cat(logps), "entropy": torch.cat(entropy)}
-        if self.value_head is not None:
-            out["values"] = self.value_head(rows).squeeze(-1).float()
-        return out
-
-
-def score_tokens(module: nn.Module, completions: list[Completion],
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    """One padding-free forward pass over ``completions``; ``[B, T]`` tensors, right-padded.
-
-    Returns the outputs of :class:`TokenScores` reshaped to ``[B, T]`` (``T`` the longest
-    completion) and ``mask`` (1.0 on completion tokens, 0.0 on padding).
-    """
-    packed = pack([c.sequence() for c in completions])
-    flat = module(packed["input_ids"].to(device), packed["targets"].to(device),
-                  position_ids=packed["position_ids"].to(device), seq_lens=packed["seq_lens"])
-    counts = [len(c.ids) for c in completions]
-    out = {k: to_rows(v, counts) for k, v in flat.items()}
-    out["mask"] = to_rows(torch.ones(sum(counts), device=device), counts)
-    return out
-
-
-def to_rows(flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """``[sum(counts)]`` -> ``[len(counts), max(counts)]``, each row's values first, then 0."""
-    return nn.utils.rnn.pad_sequence(list(flat.split(counts)), batch_first=True)
-
-
-class Reference:
-    """Log-probs of completions under the reference policy (the model before training).
-
-    With a PEFT adapter it is the trained model with its adapters switched off; with full
-    fine-tuning (or frozen layers) a frozen copy, made when this object is.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.frozen = None
-        if not hasattr(model, "disable_adapter"):
-            self.frozen = TokenScores(copy.deepcopy(model)).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def logps(self, scores: TokenScores, completions: list[Completion],
-              device: torch.device) -> torch.Tensor:
-        """``[B, T]`` reference log-probs; ``scores`` is the policy's (unwrapped) module."""
-        if self.frozen is not None:
-            return score_tokens(self.frozen.to(device), completions, device)["logps"]
-        was_training = scores.training
-        scores.eval()
-        try:
-            with scores.model.disable_adapter():
-                return score_tokens(scores, completions, device)["logps"]
-        finally:
-            scores.train(was_training)
 
 
 def plot_reward(history: list[dict], path: Path, title: str = "") -> Path | None:
