@@ -42,9 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from tuneforge import generation  # noqa: E402
 from tuneforge.data.render import render_prompt  # noqa: E402
-from tuneforge.generation import generate_batch  # noqa: E402
+from tuneforge.generation import generate_batch, inference_copy  # noqa: E402
 from tuneforge.models.loading import load_model  # noqa: E402
 
 # Short, realistic requests of the kind a small instruct model serves: support, how-to, facts.
@@ -122,11 +121,11 @@ def parse_variant(spec: str) -> dict:
 
 
 def run_ours(model, tokenizer, convs, new_tokens, batch, variant):
-    generation.PACK_INT4 = variant["int4"]
-    generation.BF16_ACTIVATIONS = variant["bf16_activations"]
-    built = (generation.PACK_INT4, generation.BF16_ACTIVATIONS)
+    inference_copy.PACK_INT4 = variant["int4"]
+    inference_copy.BF16_ACTIVATIONS = variant["bf16_activations"]
+    built = (inference_copy.PACK_INT4, inference_copy.BF16_ACTIVATIONS)
     if built != getattr(run_ours, "built", None):
-        generation._BF16_COPIES.clear()  # the bf16 copy is built for one setting of those
+        inference_copy.BF16_COPIES.clear()  # the bf16 copy is built for one setting of those
         run_ours.built = built
     start = time.perf_counter()
     results = generate_batch(model, tokenizer, convs, max_new_tokens=new_tokens,

@@ -184,7 +184,7 @@ def test_transformers_caches_give_the_same_greedy_output(tiny, cache):
 
 
 def test_compile_failure_falls_back_to_eager(tiny, monkeypatch):
-    from tuneforge import generation
+    from tuneforge.generation import decode
 
     def broken(fn, **kwargs):
         def run(*args, **kw):
@@ -192,11 +192,11 @@ def test_compile_failure_falls_back_to_eager(tiny, monkeypatch):
         return run
 
     model, tok = load_model("tiny:llama")
-    monkeypatch.setattr(generation.torch, "compile", broken)
+    monkeypatch.setattr(decode.torch, "compile", broken)
     got = generate_batch(model, tok, CONVERSATIONS, max_new_tokens=10, precision="fp32",
                          compile=True)
     assert [r.token_ids for r in got] == [reference(model, tok, c, 10) for c in CONVERSATIONS]
-    assert model in generation._COMPILE_FAILED
+    assert model in decode.COMPILE_FAILED
 
 
 # ------------------------------------------------------------------ bf16 copy and int4 packing
@@ -227,14 +227,14 @@ def logits(model, tok, messages):
 
 @pytest.mark.parametrize("bits,parts", [(4, 1), (8, 2)])
 def test_linear_layers_on_a_4_or_8_bit_grid_are_packed_exactly(bits, parts):
-    from tuneforge.generation import _bf16_copy, _InferenceLinear, _int4_available
+    from tuneforge.generation.inference_copy import InferenceLinear, bf16_copy, int4_available
 
-    if not _int4_available(torch.device("cpu")):
+    if not int4_available(torch.device("cpu")):
         pytest.skip("no int4 CPU kernels in this torch")
     model, tok = load_model("tiny:llama")
     snap_to_grid(model, bits)
-    fast = _bf16_copy(model)
-    layers = [m for m in fast.modules() if isinstance(m, _InferenceLinear)]
+    fast = bf16_copy(model)
+    layers = [m for m in fast.modules() if isinstance(m, InferenceLinear)]
     assert {len(m.int4_parts) for m in layers if m.out_features % 16 == 0} == {parts}
     assert all(not m.int4_parts for m in layers if m.out_features % 16)  # lm_head: 259 rows
     # Packed (few rows) and bf16 (many rows) agree with fp32 to bf16 accuracy.
@@ -253,19 +253,19 @@ def test_linear_layers_on_a_4_or_8_bit_grid_are_packed_exactly(bits, parts):
 
 
 def test_off_grid_weights_are_not_packed():
-    from tuneforge.generation import _bf16_copy, _InferenceLinear
+    from tuneforge.generation.inference_copy import InferenceLinear, bf16_copy
 
     model, _ = load_model("tiny:llama")
-    fast = _bf16_copy(model)
-    assert not any(m.int4_parts for m in fast.modules() if isinstance(m, _InferenceLinear))
+    fast = bf16_copy(model)
+    assert not any(m.int4_parts for m in fast.modules() if isinstance(m, InferenceLinear))
 
 
 def test_lora_on_a_packed_base_runs_unmerged_and_follows_disable_adapter():
     from peft import LoraConfig, get_peft_model
 
-    from tuneforge.generation import _inference_model, _InferenceLinear, _int4_available
+    from tuneforge.generation.inference_copy import InferenceLinear, inference_model, int4_available
 
-    if not _int4_available(torch.device("cpu")):
+    if not int4_available(torch.device("cpu")):
         pytest.skip("no int4 CPU kernels in this torch")
     base, tok = load_model("tiny:llama")
     snap_to_grid(base, 4)
@@ -273,18 +273,18 @@ def test_lora_on_a_packed_base_runs_unmerged_and_follows_disable_adapter():
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                             init_lora_weights=False))
     model.eval()
-    fast, _ = _inference_model(model, "bf16")
-    branches = [m for m in fast.modules() if isinstance(m, _InferenceLinear) and m.lora]
+    fast, _ = inference_model(model, "bf16")
+    branches = [m for m in fast.modules() if isinstance(m, InferenceLinear) and m.lora]
     assert branches and all(m.int4_parts for m in branches)
-    assert _inference_model(model, "bf16")[0] is fast  # reused while nothing changes
+    assert inference_model(model, "bf16")[0] is fast  # reused while nothing changes
     for c in CONVERSATIONS[:2]:
         a, b = logits(model, tok, c), logits(fast, tok, c)
         assert (a - b).abs().max() < 0.05 * a.abs().max()
     with model.disable_adapter():
-        plain, _ = _inference_model(model, "bf16")
+        plain, _ = inference_model(model, "bf16")
         assert plain is not fast
-        assert not any(m.lora for m in plain.modules() if isinstance(m, _InferenceLinear))
-    assert _inference_model(model, "bf16")[0] is not plain
+        assert not any(m.lora for m in plain.modules() if isinstance(m, InferenceLinear))
+    assert inference_model(model, "bf16")[0] is not plain
 
 
 def test_rows_with_their_own_settings_match_each_row_alone(tiny):

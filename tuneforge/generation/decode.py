@@ -1,5 +1,5 @@
-"""Text generation: `tuneforge generate` / `chat` (:func:`generate_reply`) and batched rollouts
-and serving (:func:`generate_batch`).
+"""Decoding: `tuneforge generate` / `chat` (:func:`generate_reply`), batched rollouts
+(:func:`generate_batch`) and serving (:func:`generate_rows`).
 
 :func:`generate_batch` renders each conversation with the chat template, sorts the prompts by
 length, and for each batch left-pads, prefills once and decodes step by step with a KV cache
@@ -9,22 +9,8 @@ finished rows are dropped from the batch once enough of them have finished to pa
 compacting the cache. Only the last position's logits are computed, and greedy decoding and
 sampling run on those alone.
 
-Precision:
-
-- ``"fp32"`` runs the model as given; its greedy output equals ``model.generate``'s.
-- ``"bf16"`` runs an inference copy whose linear layers hold bf16 weights (matmuls take bf16
-  inputs and accumulate in fp32; the residual stream, norms and attention stay fp32, as under
-  autocast). A PEFT adapter is merged in, made once per model and reused until its parameters
-  or active adapters change (after an optimizer step it is rebuilt, about 2 s for 135M).
-  Weights that lie exactly on a GGUF grid (groups of 32: Q4_0/Q4_1 16 levels, Q8_0 multiples
-  of a scale), as the built-in model's do, are also packed as int4 (one part for Q4, two for
-  Q8) and decode steps with few rows multiply with those: 4x (2x) fewer bytes per token, no
-  more rounding than bf16 (scale and offset in bf16). A LoRA adapter on such a base is kept
-  unmerged (a small fp32 branch) so the base stays packed.
-- ``"autocast"`` runs the fp32 model under bf16 autocast (measured slower than ``"bf16"``:
-  it re-casts the weights at every step).
-- ``"auto"`` (the default) is ``"bf16"`` where the hardware has native bf16 matmuls
-  (:func:`tuneforge.train.loop.use_bf16`) and ``"fp32"`` elsewhere.
+``precision`` picks the model that runs (the fp32 model, or its bf16/int4 inference copy):
+see :mod:`tuneforge.generation.inference_copy`.
 
 Sampled output depends only on ``seed`` and the conversation's index in the list, not on
 ``batch_size`` or on the other prompts: every conversation has its own random stream.
@@ -32,30 +18,23 @@ Sampled output depends only on ``seed`` and the conversation's index in the list
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 
 from tuneforge.data.render import render_prompt
+from tuneforge.generation.inference_copy import (
+    PRECISIONS,
+    inference_model,
+    model_device,
+    model_dtype,
+)
 
-PRECISIONS = ("auto", "fp32", "bf16", "autocast")
 CACHES = ("preallocated", "dynamic", "static")
-
-# Decode steps with at most this many rows use the packed int4 weights (a quarter of that for
-# two-part Q8 weights); above it bf16 matmuls are faster (2-core AVX512-bf16 CPU, the built-in
-# model's layers: int4 5x faster than bf16 at 1 row, 1.9x at 8, 1.2x at 16, 0.8x at 32).
-INT4_MAX_ROWS = 16
-_INT4_GROUP = 32
 _COMPILE_BUCKET = 128
-# Whether bf16 copies also pack exactly-4-bit linear layers as int4, and run activations in
-# bf16 rather than fp32 (both for measuring; the defaults measured best).
-PACK_INT4 = True
-BF16_ACTIVATIONS = False
 
 
 @dataclass
@@ -102,9 +81,10 @@ def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: in
     """The assistant's next turn after ``messages``, stopping at the end-of-turn token.
 
     One conversation through :func:`generate_batch`. The default ``fp32`` gives exactly
-    ``model.generate``'s greedy reply; ``"auto"``/``"bf16"`` is ~3x faster for the built-in
-    model on a bf16 CPU, but near-ties can flip greedy tokens (on "What is the capital of
-    France?" the built-in model answered "L'Étoile..." in bf16 and "Paris" in fp32).
+    ``model.generate``'s greedy reply; ``"auto"``/``"bf16"`` is several times faster for the
+    built-in model on a bf16 CPU (measured: bench/README.md), but near-ties can flip greedy
+    tokens (on "What is the capital of France?" the built-in model answered "L'Étoile..." in
+    bf16 and "Paris" in fp32).
     """
     result = generate_batch(
         model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=temperature,
@@ -137,11 +117,12 @@ def generate_batch(
 
     ``compile=True`` runs decode steps through ``torch.compile`` with a static cache (falling
     back to eager if compilation fails). Each batch size and cache length (rounded up to 128)
-    compiles once, about 40 s for the built-in model on 2 cores; then batch-1 decoding is about
-    35% faster, batch 8 no faster. Worth it only for a long-lived server at batch 1, so off
-    by default. ``cache`` picks the KV cache, for measuring: ``"dynamic"`` (transformers'
-    DynamicCache, which concatenates every step) and ``"static"`` (its StaticCache: attention
-    over the whole preallocated length) were both slower than the default.
+    compiles once, which takes tens of seconds for the built-in model on 2 cores; then batch-1
+    decoding is clearly faster, batch 8 no faster (measured: bench/README.md). Worth it only
+    for a long-lived server at batch 1, so off by default. ``cache`` picks the KV cache, for
+    measuring: ``"dynamic"`` (transformers' DynamicCache, which concatenates every step) and
+    ``"static"`` (its StaticCache: attention over the whole preallocated length) were both
+    slower than the default.
 
     The fp32 model is switched to eval mode for the call (no dropout) and back afterwards.
     """
@@ -161,7 +142,7 @@ def generate_batch(
         pad_id = stop_token_ids[0] if stop_token_ids else 0
     batch_size = batch_size or min(len(prompts), 32)
 
-    run_model, autocast = _inference_model(model, precision)
+    run_model, autocast = inference_model(model, precision)
     was_training, run_was_training = model.training, run_model.training
     model.eval()
     run_model.eval()
@@ -177,7 +158,8 @@ def generate_batch(
                 decoded = _generate_rows(
                     run_model, [prompts[i] for i in rows], settings,
                     stop_ids=stop_token_ids, pad_id=pad_id, compile=compile,
-                    cache=cache, always_mask=autocast or _dtype(run_model) != torch.float32,
+                    cache=cache,
+                    always_mask=autocast or model_dtype(run_model) != torch.float32,
                 )
                 for i, (ids, reason) in zip(rows, decoded):
                     results[i] = GenerationResult(
@@ -192,18 +174,6 @@ def generate_batch(
         run_model.train(run_was_training)
         model.train(was_training)
     return results  # type: ignore[return-value]
-
-
-def inference_model(model, precision: str = "auto"):
-    """(model to run, whether to run it under bf16 autocast) for ``precision``: the model
-    itself for fp32, else its bf16 inference copy (see the module docstring).
-
-    A caller that keeps the copy may switch the adapters of ``model`` afterwards: a server
-    makes one copy per adapter and reuses each.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
-    return _inference_model(model, precision)
 
 
 def generate_rows(
@@ -233,7 +203,7 @@ def generate_rows(
         return _generate_rows(
             run_model, prompts, settings, stop_ids=stop_token_ids, pad_id=pad_id,
             compile=False, cache="preallocated", on_token=on_token,
-            always_mask=autocast or _dtype(run_model) != torch.float32,
+            always_mask=autocast or model_dtype(run_model) != torch.float32,
         )
 
 
@@ -247,7 +217,7 @@ def _generate_rows(model, prompts, settings, *, stop_ids, pad_id, compile, cache
     ``settings`` holds one :class:`RowSettings` per prompt; the batch runs until its longest
     row is done. ``on_token`` (see :data:`TokenCallback`) sees every token as it is made.
     """
-    device = _device(model)
+    device = model_device(model)
     batch = len(prompts)
     lengths = [len(p) for p in prompts]
     width = max(lengths)
@@ -394,7 +364,7 @@ class _Stepper:
                 try:
                     return self._run(self.forward, tokens, attn, positions)
                 except Exception:  # noqa: BLE001 - any compiler failure: carry on eagerly
-                    _COMPILE_FAILED.add(self.model)
+                    COMPILE_FAILED.add(self.model)
                     self.forward = None
             return self._run(self.model, tokens, attn, positions)
         # Passing a mask (even all true) also keeps transformers on its packed-GQA attention
@@ -466,249 +436,28 @@ class _PreallocatedLayer(DynamicLayer):
             self.values = self.v_buf[:, :, : self.length]
 
 
-# ----------------------------------------------------------------------------- precision
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _bf16_native(device: torch.device) -> bool:
-    from tuneforge.train.loop import use_bf16
-
-    return use_bf16("auto", device)
+# ----------------------------------------------------------------------------- helpers
 
 
 def _autocast(model, enabled: bool):
-    return torch.autocast(_device(model).type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(model_device(model).type, dtype=torch.bfloat16, enabled=enabled)
 
 
-# model -> (parameter signature, bf16 copy); rebuilt when a parameter changes in place.
-_BF16_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> its compiled forward; models whose compilation failed (they decode eagerly).
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()
-
-
-def _inference_model(model, precision: str):
-    """(model to run, whether to run it under bf16 autocast) for ``precision``."""
-    if precision == "auto":
-        precision = "bf16" if _bf16_native(_device(model)) else "fp32"
-    if precision == "fp32":
-        return model, False
-    if precision == "autocast":
-        return model, True
-    if _dtype(model) != torch.float32:
-        return model, False  # already low precision: run as is
-    signature = (tuple((p.data_ptr(), p._version) for p in model.parameters()),
-                 _adapter_state(model))
-    cached = _BF16_COPIES.get(model)
-    if cached is not None and cached[0] == signature:
-        return cached[1], False
-    _BF16_COPIES.pop(model, None)  # free the stale copy before making the next one
-    with torch.autocast(_device(model).type, enabled=False):  # not the caller's (training) one
-        dup = _bf16_copy(model)
-    _BF16_COPIES[model] = (signature, dup)
-    return dup, False
-
-
-def _adapter_state(model):
-    """Which PEFT adapters are active or disabled: the inference copy depends on it too."""
-    return tuple((bool(m.disable_adapters), tuple(m.active_adapters))
-                 for m in model.modules() if hasattr(m, "_disable_adapters"))
-
-
-def _bf16_copy(model, *, pack_int4: bool | None = None, bf16_activations: bool | None = None):
-    """An inference copy of ``model`` with bf16 matmul weights: a PEFT adapter merged in, every
-    linear layer's weight in bf16 (and packed as int4 too where that is exact).
-
-    Activations between the matmuls (residual stream, norms, attention) stay fp32, as under
-    autocast: the matmuls take bf16 inputs and accumulate in fp32. ``bf16_activations`` runs
-    everything in bf16 instead (for measuring: no faster, and it drifts from fp32 sooner).
-    """
-    pack_int4 = PACK_INT4 if pack_int4 is None else pack_int4
-    bf16_activations = BF16_ACTIVATIONS if bf16_activations is None else bf16_activations
-    with torch.no_grad():
-        dup = copy.deepcopy(model)
-        for p in dup.parameters():
-            p.grad = None
-            p.requires_grad_(False)
-        pack_int4 = pack_int4 and _int4_available(_device(dup))
-        out_dtype = torch.bfloat16 if bf16_activations else torch.float32
-        if hasattr(dup, "get_base_model"):  # a PeftModel
-            unmerged = _lora_unmerged(dup, pack_int4, out_dtype) if pack_int4 else None
-            if unmerged is not None:
-                dup = unmerged
-            else:
-                try:
-                    # the layers' flag (PeftModel also has a disable_adapters *method*, truthy)
-                    disabled = any(m.disable_adapters for m in dup.modules()
-                                   if hasattr(m, "_disable_adapters"))
-                    dup = dup.unload() if disabled else dup.merge_and_unload()
-                except Exception:  # noqa: BLE001 - adapters that cannot merge run unmerged
-                    pass
-        linears = [(name, m) for name, m in dup.named_modules() if type(m) is torch.nn.Linear]
-        for name, linear in linears:
-            parts = _int4_parts(linear.weight) if pack_int4 else None
-            parent_name, _, child = name.rpartition(".")
-            setattr(dup.get_submodule(parent_name), child,
-                    _InferenceLinear(linear, parts, out_dtype=out_dtype))
-        if bf16_activations:
-            dup = dup.to(torch.bfloat16)
-    return dup.eval()
-
-
-def _lora_unmerged(dup, pack_int4: bool, out_dtype):
-    """The base model of a PEFT LoRA model with each LoRA layer replaced by its base weight
-    packed as int4 plus a bf16 low-rank branch, where every base weight packs exactly (merging
-    the adapter would move the weights off the 4-bit grid and lose the packing); else None."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
-        return None
-    plan = []
-    for name, module in dup.named_modules():
-        if not isinstance(module, LoraLinear):
-            continue
-        base = module.get_base_layer()
-        if type(base) is not torch.nn.Linear or module.merged:
-            return None
-        parts = _int4_parts(base.weight)
-        if parts is None:
-            return None
-        branches = []
-        if not module.disable_adapters:
-            for adapter in module.active_adapters:
-                if adapter not in module.lora_A:
-                    continue
-                if adapter in getattr(module, "lora_variant", {}) or (
-                        module.lora_B[adapter].bias is not None):
-                    return None  # DoRA and other variants, LoRA biases: merge instead
-                a = module.lora_A[adapter].weight
-                b = module.lora_B[adapter].weight * module.scaling[adapter]
-                branches.append((a.float(), b.float()))
-        plan.append((name, base, parts, branches))
-    if not plan:
-        return None
-    for name, base, parts, branches in plan:
-        parent_name, _, child = name.rpartition(".")
-        setattr(dup.get_submodule(parent_name), child,
-                _InferenceLinear(base, parts, out_dtype=out_dtype, lora=branches))
-    return dup.get_base_model()
-
-
-def _int4_available(device: torch.device) -> bool:
-    return device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
-        torch, "_convert_weight_to_int4pack_for_cpu")
-
-
-def _int4_parts(weight: torch.Tensor):
-    """The weight as a sum of int4-packed parts, if that is exact; else None.
-
-    Each group of 32 weights along the input dimension must either take at most 16 equally
-    spaced values (a de-quantised Q4_0/Q4_1 GGUF tensor: one part, w = (q - 8) * s + z) or be
-    integer multiples -127..127 of one scale (Q8_0: two parts, q = 16 * high + low). Weights
-    off such a grid are never packed: packing must not lose precision. Returns a list of
-    (packed weight, bf16 scales and offsets) for ``_weight_int4pack_mm_for_cpu``.
-    """
-    n, k = weight.shape
-    if k % _INT4_GROUP or n % 16 or weight.numel() == 0:
-        return None
-    w = weight.detach().float().reshape(n, k // _INT4_GROUP, _INT4_GROUP)
-    low = w.amin(-1, keepdim=True)
-    step = (w.amax(-1, keepdim=True) - low) / 15
-    if _on_grid(w, low, step, 0, 15):
-        q = ((w - low) / _nonzero(step)).round()
-        parts = [(q, step, low + 8 * step)]
-    else:
-        step = w.abs().amax(-1, keepdim=True) / 127
-        if not _on_grid(w, 0, step, -127, 127):
-            return None
-        q = (w / _nonzero(step)).round()
-        low_digit = q.remainder(16)
-        high_digit = (q - low_digit) / 16 + 8
-        parts = [(high_digit, 16 * step, torch.zeros_like(step)), (low_digit, step, 8 * step)]
-    try:
-        packed = []
-        for digits, scale, offset in parts:
-            pw = torch._convert_weight_to_int4pack_for_cpu(digits.reshape(n, k).to(torch.int32), 2)
-            sz = torch.stack([scale[..., 0].t(), offset[..., 0].t()], dim=-1)
-            packed.append((pw, sz.to(torch.bfloat16).contiguous()))
-        probe = torch.randn(2, k).to(torch.bfloat16)
-        got = sum(torch._weight_int4pack_mm_for_cpu(probe, pw, _INT4_GROUP, sz).float()
-                  for pw, sz in packed)
-        want = probe.float() @ weight.detach().float().t()
-        if not torch.allclose(got, want, rtol=0.02, atol=0.02 * want.abs().max().item()):
-            return None
-    except (RuntimeError, NotImplementedError):
-        return None
-    return packed
-
-
-def _nonzero(step):
-    return torch.where(step > 0, step, torch.ones_like(step))
-
-
-def _on_grid(w, low, step, lo, hi) -> bool:
-    q = ((w - low) / _nonzero(step)).round()
-    return bool(q.min() >= lo and q.max() <= hi
-                and ((q * step + low) - w).abs().le(1e-3 * _nonzero(step)).all())
-
-
-class _InferenceLinear(torch.nn.Linear):
-    """A linear layer of the inference copy: bf16 weight, bf16 input, fp32 accumulation, output
-    in ``out_dtype``. Where the weight packs exactly into int4 parts (:func:`_int4_parts`),
-    small batches of rows multiply with those instead: a quarter (Q4) or half (Q8) of the bytes
-    to read. The input is made contiguous: ``logits_to_keep`` hands the output layer a strided
-    slice, for which a bf16 matmul would copy the whole weight once per sequence."""
-
-    def __init__(self, linear: torch.nn.Linear, int4_parts=None, *, out_dtype=torch.float32,
-                 lora=()):
-        torch.nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = torch.nn.Parameter(linear.weight.detach().to(torch.bfloat16),
-                                         requires_grad=False)
-        self.bias = None
-        if linear.bias is not None:
-            self.bias = torch.nn.Parameter(linear.bias.detach().to(out_dtype), requires_grad=False)
-        self.out_dtype = out_dtype
-        self.int4_parts = int4_parts or []
-        # Measured crossovers (2-core AVX512-bf16 CPU): one part beats bf16 up to ~20 rows,
-        # two parts up to ~4.
-        self.int4_max_rows = INT4_MAX_ROWS // len(self.int4_parts) ** 2 if int4_parts else 0
-        self.lora = list(lora)  # (A, B * scaling) in fp32: an unmerged LoRA branch
-
-    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
-        x = x_in.to(torch.bfloat16).contiguous()
-        rows = x.numel() // self.in_features
-        if rows > self.int4_max_rows:
-            y = F.linear(x, self.weight)
-        else:
-            flat = x.reshape(rows, self.in_features)
-            y = None
-            for packed, scales_zeros in self.int4_parts:
-                part = torch._weight_int4pack_mm_for_cpu(flat, packed, _INT4_GROUP, scales_zeros)
-                y = part.float() if y is None else y + part
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        for a, b in self.lora:  # small fp32 matmuls: faster than bf16 ones on CPU
-            y = y.float() + F.linear(F.linear(x_in.float(), a), b)
-        y = y.to(self.out_dtype)
-        return y if self.bias is None else y + self.bias
+COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()
 
 
 def _compiled_forward(model):
     """``torch.compile`` of the model's forward, once per model; None where it can't be."""
-    if model in _COMPILE_FAILED:
+    if model in COMPILE_FAILED:
         return None
     fn = _COMPILED.get(model)
     if fn is None:
         try:
             fn = torch.compile(model.forward, dynamic=False)
         except Exception:  # noqa: BLE001
-            _COMPILE_FAILED.add(model)
+            COMPILE_FAILED.add(model)
             return None
         _COMPILED[model] = fn
     return fn

@@ -1,0 +1,33 @@
+"""Text generation.
+
+- :mod:`.decode`: decoding: :func:`generate_reply` (`tuneforge generate` / `chat`),
+  :func:`generate_batch` (rollouts, evaluation) and :func:`generate_rows` (serving), the batched
+  KV-cache decode loop, the samplers and caches.
+- :mod:`.inference_copy`: the model that decoding runs for each precision
+  (:func:`inference_model`): the fp32 model, or its bf16 copy with int4-packed weights where
+  that is exact. Its settings (``PACK_INT4``, ``BF16_ACTIVATIONS``, ``INT4_MAX_ROWS``) are read
+  there: set or patch them on that module, not on this package.
+"""
+
+from tuneforge.generation.decode import (
+    CACHES,
+    GenerationResult,
+    RowSettings,
+    TokenCallback,
+    generate_batch,
+    generate_reply,
+    generate_rows,
+)
+from tuneforge.generation.inference_copy import PRECISIONS, inference_model
+
+__all__ = [
+    "CACHES",
+    "PRECISIONS",
+    "GenerationResult",
+    "RowSettings",
+    "TokenCallback",
+    "generate_batch",
+    "generate_reply",
+    "generate_rows",
+    "inference_model",
+]
