@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,6 +133,9 @@ class DataConfig:
     """The kind of task, as data.tasks[].type, for a single-task run."""
     labels: list[str] | str | None = None
     """The allowed labels of a classification task, or a file holding them."""
+    rating_scale: list[float] | None = None
+    """[low, high]: the scale of rating records (e.g. [1, 5]); a rating outside it is refused.
+    Unset: ratings are not range-checked."""
     template: TemplateConfig = field(default_factory=TemplateConfig)
     """Prompt template of a single-task run (default: the records as they are)."""
     tasks: list[TaskConfig] = field(default_factory=list)
@@ -219,6 +223,21 @@ class PreferenceConfig:
     (needed for full fine-tuning, which has no frozen copy). cached: computed with the adapters
     switched off the first time a pair is seen, then reused. online: every step (no memory
     held). auto: cached for adapters, precompute otherwise."""
+
+
+@dataclass
+class KTOConfig:
+    """recipe=kto: unpaired thumbs-up/down completions (KTO, Ethayarajh et al. 2024)."""
+
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta*(log pi - log pi_ref)."""
+    desirable_weight: float = 1.0
+    """lambda_D, the weight of a thumbs-up example's loss."""
+    undesirable_weight: float = 1.0
+    """lambda_U, the weight of a thumbs-down example's loss. KTO's authors advise weights with
+    lambda_D*n_D / (lambda_U*n_U) between 1 and 4/3 when the two kinds are unbalanced."""
+    reference: Literal["auto", "precompute", "cached", "online"] = "auto"
+    """How reference log-probs are obtained, as preference.reference."""
 
 
 @dataclass
@@ -312,20 +331,21 @@ class EvalConfig:
     scoring costs a forward pass per example and label, more than the validation loss."""
 
 
-RECIPES = ("sft", "dpo", "reward", "rank", "ppo", "grpo")
+RECIPES = ("sft", "dpo", "kto", "reward", "rank", "ppo", "grpo")
 
 
 @dataclass
 class RunConfig:
     """A whole run: model, adapter, data, training, and where results go."""
 
-    recipe: Literal["sft", "dpo", "reward", "rank", "ppo", "grpo"] = "sft"
+    recipe: Literal["sft", "dpo", "kto", "reward", "rank", "ppo", "grpo"] = "sft"
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rank: RankConfig = field(default_factory=RankConfig)
     rl: RLConfig = field(default_factory=RLConfig)
@@ -333,6 +353,27 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def task_configs(config: RunConfig) -> list[TaskConfig]:
+    """The tasks of a run config: data.tasks, or the single task data.* describes."""
+    d = config.data
+    if d.tasks:
+        return [dataclasses.replace(t, format=t.format or d.format) for t in d.tasks]
+    return [TaskConfig(name=default_task_name(d.train), train=d.train, validation=d.validation,
+                       test=d.test, format=d.format, type=d.task, labels=d.labels,
+                       template=d.template)]
+
+
+GENERIC_STEMS = ("train", "training", "test", "validation", "val", "dev", "eval")
+
+
+def default_task_name(data_path: str) -> str:
+    """The data file's name, or its folder's when the file is just train.jsonl, test.jsonl..."""
+    path = Path(data_path or "task")
+    generic = path.stem.lower() in GENERIC_STEMS and path.parent.name
+    name = path.parent.name if generic else path.stem
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "task"
 
 
 def lower_is_better(metric: str) -> bool:
@@ -408,17 +449,22 @@ def validate(config: RunConfig) -> list[str]:
     if not d.train and not d.tasks:
         errors.append("data.train: required (path to the training file), or data.tasks")
     errors += _validate_tasks(d)
+    errors += _validate_rating_scale(d.rating_scale)
     if config.eval.val_metrics_examples is not None and config.eval.val_metrics_examples < 1:
         errors.append("eval.val_metrics_examples: must be >= 1 (or null for all)")
-    if config.recipe == "dpo":
-        errors += _validate_preference(config.preference, a.method)
-    if config.recipe == "rank":
-        errors += _validate_rank(config.rank, a.method)
-    if config.recipe in ("ppo", "grpo"):
-        errors += _validate_rl(config)
-    if config.recipe == "reward" and config.reward.center_coefficient < 0:
-        errors.append(f"reward.center_coefficient: must be >= 0 (got {config.reward.center_coefficient})")
+    check_recipe = RECIPE_VALIDATORS.get(config.recipe)
+    if check_recipe is not None:
+        errors += check_recipe(config)
     return errors
+
+
+def _validate_rating_scale(scale: list[float] | None) -> list[str]:
+    """data.rating_scale: two finite numbers, low below high."""
+    if scale is None:
+        return []
+    if len(scale) != 2 or not all(math.isfinite(v) for v in scale) or scale[0] >= scale[1]:
+        return [f"data.rating_scale: expected [low, high] with low < high, e.g. [1, 5] (got {scale})"]
+    return []
 
 
 def _validate_tasks(d: DataConfig) -> list[str]:
@@ -446,11 +492,20 @@ def _validate_tasks(d: DataConfig) -> list[str]:
     return errors
 
 
-def _validate_preference(pref: PreferenceConfig, method: str) -> list[str]:
+def _reference_needs_adapter(section: str, mode: str, method: str) -> list[str]:
+    if mode in ("cached", "online") and method not in PEFT_METHODS:
+        return [f"{section}.reference={mode} needs an adapter (the reference is the model with "
+                f"adapters off); with adapter.method={method} use precompute"]
+    return []
+
+
+def _validate_preference(config: RunConfig) -> list[str]:
+    """preference.*: a known loss of the DPO family, its options, a reference that can exist."""
     import inspect
 
     from tuneforge.losses.preference import PREFERENCE_LOSSES
 
+    pref, method = config.preference, config.adapter.method
     if pref.loss not in PREFERENCE_LOSSES:
         return [f"preference.loss: unknown loss {pref.loss!r}; known: {', '.join(PREFERENCE_LOSSES)}"]
     errors = []
@@ -462,10 +517,25 @@ def _validate_preference(pref: PreferenceConfig, method: str) -> list[str]:
         if key not in known:
             errors.append(f"preference.options.{key}: not an option of the {pref.loss} loss "
                           f"(its options: {', '.join(known) or 'none'})")
-    if pref.reference in ("cached", "online") and method not in PEFT_METHODS:
-        errors.append(f"preference.reference={pref.reference} needs an adapter (the reference is "
-                      f"the model with adapters off); with adapter.method={method} use precompute")
-    return errors
+    return errors + _reference_needs_adapter("preference", pref.reference, method)
+
+
+def _validate_kto(config: RunConfig) -> list[str]:
+    """kto.*: a positive beta, non-negative weights (not both 0), a reference that can exist."""
+    k = config.kto
+    errors = []
+    if k.beta <= 0:
+        errors.append(f"kto.beta: must be > 0 (got {k.beta})")
+    if k.desirable_weight < 0 or k.undesirable_weight < 0:
+        errors.append("kto.desirable_weight and kto.undesirable_weight: must be >= 0")
+    elif k.desirable_weight == 0 and k.undesirable_weight == 0:
+        errors.append("kto.desirable_weight and kto.undesirable_weight: not both 0 (nothing to learn)")
+    return errors + _reference_needs_adapter("kto", k.reference, config.adapter.method)
+
+
+def _validate_reward(config: RunConfig) -> list[str]:
+    coefficient = config.reward.center_coefficient
+    return [f"reward.center_coefficient: must be >= 0 (got {coefficient})"] if coefficient < 0 else []
 
 
 def _validate_rl(config: RunConfig) -> list[str]:
@@ -513,16 +583,21 @@ def _validate_rl(config: RunConfig) -> list[str]:
     return errors
 
 
-def _validate_rank(rank: RankConfig, method: str) -> list[str]:
+def _validate_rank(config: RunConfig) -> list[str]:
+    rank, method = config.rank, config.adapter.method
     errors = []
     if rank.beta <= 0:
         errors.append(f"rank.beta: must be > 0 (got {rank.beta})")
     if rank.sft_weight < 0:
         errors.append(f"rank.sft_weight: must be >= 0 (got {rank.sft_weight})")
-    if rank.loss == "lipo" and rank.reference in ("cached", "online") and method not in PEFT_METHODS:
-        errors.append(f"rank.reference={rank.reference} needs an adapter (the reference is the "
-                      f"model with adapters off); with adapter.method={method} use precompute")
+    if rank.loss == "lipo":
+        errors += _reference_needs_adapter("rank", rank.reference, method)
     return errors
+
+
+# The checks of each recipe's own section, beside the shared ones of validate().
+RECIPE_VALIDATORS = {"dpo": _validate_preference, "kto": _validate_kto, "rank": _validate_rank,
+                     "reward": _validate_reward, "ppo": _validate_rl, "grpo": _validate_rl}
 
 # --- generic dataclass building with type checks -------------------------------------------
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.config import RunConfig, TaskConfig, TemplateConfig
+from tuneforge.config import RunConfig, TaskConfig, TemplateConfig, default_task_name, task_configs
 from tuneforge.data.example import Example
 from tuneforge.data.packing import pack
 from tuneforge.data.render import render_sft
@@ -203,27 +203,6 @@ def label_metrics(model, tokenizer, task: EvalTask) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------------
 # A whole evaluation
-
-
-def task_configs(config: RunConfig) -> list[TaskConfig]:
-    """The tasks of a run config: data.tasks, or the single task data.* describes."""
-    d = config.data
-    if d.tasks:
-        return [replace(t, format=t.format or d.format) for t in d.tasks]
-    return [TaskConfig(name=default_task_name(d.train), train=d.train, validation=d.validation,
-                       test=d.test, format=d.format, type=d.task, labels=d.labels,
-                       template=d.template)]
-
-
-GENERIC_STEMS = ("train", "training", "test", "validation", "val", "dev", "eval")
-
-
-def default_task_name(data_path: str) -> str:
-    """The data file's name, or its folder's when the file is just train.jsonl, test.jsonl..."""
-    path = Path(data_path or "task")
-    generic = path.stem.lower() in GENERIC_STEMS and path.parent.name
-    name = path.parent.name if generic else path.stem
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "task"
 
 
 def read_run_config(spec: str) -> RunConfig | None:

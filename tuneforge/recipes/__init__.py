@@ -7,6 +7,7 @@ import importlib
 from tuneforge.config import RunConfig
 
 RUNNERS = {"sft": "tuneforge.recipes.sft:run_sft", "dpo": "tuneforge.recipes.dpo:run_dpo",
+           "kto": "tuneforge.recipes.kto:run_kto",
            "reward": "tuneforge.recipes.reward_model:run_reward", "rank": "tuneforge.recipes.rank:run_rank",
            "ppo": "tuneforge.recipes.ppo:run_ppo", "grpo": "tuneforge.recipes.grpo:run_grpo"}
 

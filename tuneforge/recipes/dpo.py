@@ -21,10 +21,9 @@ from tuneforge.config import RunConfig
 from tuneforge.data.splits import load_splits, tokenize_all
 from tuneforge.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
 from tuneforge.models.loading import load_tokenizer
-from tuneforge.train.loop import train
 from tuneforge.train.objectives import ResponsesObjective
 from tuneforge.train.progress import say
-from tuneforge.train.run_folder import check_run_dir, finish_run, setup_model
+from tuneforge.train.run_folder import check_run_dir, setup_model, train_responses
 from tuneforge.train.scoring import (
     Reference,
     SequenceLogProbs,
@@ -94,15 +93,6 @@ def run_dpo(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
         say(f"{len(train_set)} train / {len(val_set)} validation pairs; {pref.loss} "
             f"(beta {pref.beta}); training {params['trainable']:,} of {params['total']:,} "
             f"parameters ({config.adapter.method}) on {acc.device} x{acc.num_processes}")
-    reference = objective.reference.mode if objective.reference else "none"
-    if reference == "precompute":  # before any update, and before resuming loads trained weights
-        objective.reference.precompute(train_set + val_set, acc, config.train.bf16,
-                                       config.train.batch_size)
-
-    result = train(model, train_set, val_set, config.train, run_dir, resume=resume, accelerator=acc,
-                   objective=objective)
-    extra = {"preference_loss": pref.loss, "beta": pref.beta, "reference": reference}
-    for key in ("val_reward_accuracy", "val_reward_margin"):
-        extra[f"best_{key}"] = result.val_at_best(key)
-    return finish_run(model, tokenizer, config, run_dir, result, acc, params,
-                      len(train_set), len(val_set), **extra)
+    return train_responses(model, tokenizer, config, run_dir, acc, params, train_set, val_set,
+                           objective, resume=resume, best=("val_reward_accuracy", "val_reward_margin"),
+                           preference_loss=pref.loss, beta=pref.beta)

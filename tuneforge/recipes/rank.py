@@ -30,10 +30,9 @@ from tuneforge.config import RunConfig
 from tuneforge.data.splits import load_splits, tokenize_all
 from tuneforge.losses.ranking import best_worst_gap, lipo_listmle_loss, rrhf_loss
 from tuneforge.models.loading import load_tokenizer
-from tuneforge.train.loop import train
 from tuneforge.train.objectives import ResponsesObjective
 from tuneforge.train.progress import say
-from tuneforge.train.run_folder import check_run_dir, finish_run, setup_model
+from tuneforge.train.run_folder import check_run_dir, setup_model, train_responses
 from tuneforge.train.scoring import (
     Reference,
     SequenceLogProbs,
@@ -90,21 +89,12 @@ def run_rank(config: RunConfig, *, resume: bool = False, overwrite: bool = False
     rank = config.rank
     objective = RankObjective(model, rank.loss, rank.beta, rank.sft_weight,
                               resolve_reference(rank.reference, model))
-    reference = objective.reference.mode if objective.reference else "none"
     if acc.is_main_process:
         what = f"beta {rank.beta}" if rank.loss == "lipo" else f"sft_weight {rank.sft_weight}"
         say(f"{len(train_set)} train / {len(val_set)} validation ranked lists; {rank.loss} "
             f"({what}); training {params['trainable']:,} of {params['total']:,} parameters "
             f"({config.adapter.method}) on {acc.device} x{acc.num_processes}")
-    if reference == "precompute":  # before any update, and before resuming loads trained weights
-        objective.reference.precompute(train_set + val_set, acc, config.train.bf16,
-                                       config.train.batch_size)
-
-    result = train(model, train_set, val_set, config.train, run_dir, resume=resume, accelerator=acc,
-                   objective=objective)
-    extra = {"rank_loss": rank.loss, "reference": reference}
-    for key in ("val_pairwise_accuracy", "val_logp_margin"):
-        extra[f"best_{key}"] = result.val_at_best(key)
-    return finish_run(model, tokenizer, config, run_dir, result, acc, params,
-                      len(train_set), len(val_set), **extra)
+    return train_responses(model, tokenizer, config, run_dir, acc, params, train_set, val_set,
+                           objective, resume=resume, best=("val_pairwise_accuracy", "val_logp_margin"),
+                           rank_loss=rank.loss)
 

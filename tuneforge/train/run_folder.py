@@ -18,7 +18,7 @@ from tuneforge.models.adapters import has_adapter, prepare_model, trainable_summ
 from tuneforge.models.loading import load_model
 from tuneforge.train.checkpoint import atomic_write_text, latest_checkpoint
 from tuneforge.train.lifecycle import TrainResult
-from tuneforge.train.loop import make_accelerator
+from tuneforge.train.loop import make_accelerator, train
 from tuneforge.train.plots import plot_loss
 
 
@@ -70,6 +70,27 @@ def finish_run(model, tokenizer, config: RunConfig, run_dir: Path, result: Train
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     acc.wait_for_everyone()
     return summary
+
+
+def train_responses(model, tokenizer, config: RunConfig, run_dir: Path, acc, params: dict,
+                    train_set: list, val_set: list, objective, *, resume: bool,
+                    best: tuple[str, ...] = (), **extra) -> dict:
+    """The end of every recipe that compares responses against a reference (dpo, kto, rank):
+    a ``precompute`` reference scores every example first (before any update, and before
+    resuming loads trained weights), then the shared loop trains and :func:`finish_run` saves.
+
+    The summary gets ``extra``, the reference mode, and ``best_<key>`` for each key of ``best``
+    (its value at the best checkpoint).
+    """
+    reference = getattr(objective, "reference", None)
+    if reference is not None and reference.mode == "precompute":
+        reference.precompute(train_set + val_set, acc, config.train.bf16, config.train.batch_size)
+    result = train(model, train_set, val_set, config.train, run_dir, resume=resume, accelerator=acc,
+                   objective=objective)
+    extra["reference"] = reference.mode if reference is not None else "none"
+    extra |= {f"best_{key}": result.val_at_best(key) for key in best}
+    return finish_run(model, tokenizer, config, run_dir, result, acc, params,
+                      len(train_set), len(val_set), **extra)
 
 
 def save_result(model, tokenizer, config: RunConfig, run_dir: Path,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from tuneforge.config import RunConfig, TaskConfig
+from tuneforge.config import RunConfig, TaskConfig, task_configs
 from tuneforge.data.example import Example
 from tuneforge.data.mixing import mix, task_probabilities
 from tuneforge.data.splits import load_splits, tokenize_all
@@ -34,12 +34,10 @@ class TrainingTask:
 
 def load_training_tasks(config: RunConfig, tokenizer) -> list[TrainingTask]:
     """Check, read and template every task's data (before the model is loaded)."""
-    from tuneforge.eval.evaluate import task_configs
-
     tasks = []
     for task in task_configs(config):
         data = replace(config.data, train=task.train, validation=task.validation, test=task.test,
-                       format=task.format, tasks=[])
+                       format=task.format, labels=task.labels, tasks=[])
         single = replace(config, data=data)
         train, validation = load_splits(single)
         train = [apply_template(ex, task.template) for ex in train]
