@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                       help="fp32: exactly model.generate; bf16: ~3x faster on a bf16 CPU, "
+                       help="fp32: exactly model.generate; bf16: faster on a bf16 CPU (bench/README.md), "
                             "greedy near-ties may flip")
         p.add_argument("--json", action="store_true", help="print JSON lines")
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)

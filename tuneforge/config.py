@@ -46,7 +46,7 @@ class AdapterConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     """Dropout on the adapter's input (lora family). Off by default: on a CPU, drawing the
-    random masks costs ~15% of a LoRA step (measured; bench/README.md), for a regulariser that
+    random masks is a noticeable share of a LoRA step (bench/README.md), for a regulariser that
     rarely matters at small epoch counts. Set 0.05-0.1 for long runs on small data."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or 'all-linear' for every linear layer but the output head."""
@@ -173,19 +173,20 @@ class TrainConfig:
     bf16: Literal["auto", "true", "false"] = "auto"
     """bf16 autocast: auto uses it where the device supports it."""
     gradient_checkpointing: bool = False
-    """Keep only each decoder layer's input and recompute the rest in backward: about 40% less
-    peak memory for ~10% more time (LoRA on SmolLM2, CPU). On the CPU the freed heap is also
-    handed back to the system after each step (malloc_trim), so the peak stays near one
+    """Keep only each decoder layer's input and recompute the rest in backward: much less peak
+    memory for a little more time (figures in bench/README.md). On the CPU the freed heap is
+    also handed back to the system after each step (malloc_trim), so the peak stays near one
     step's need instead of creeping up with fragmentation."""
     compile: Literal["auto", "true", "false"] = "auto"
     """Run the decoder layers through torch.compile during the loop's loss passes (fused
-    element-wise work, fewer saved activations; sampling and validation stay eager): LoRA on SmolLM2 on a 2-core CPU ran ~1.6x the tokens/s at
-    ~30% less peak memory, after a first step that compiles (~40 s on 2 cores, less once
-    Inductor's on-disk cache is warm). Needs a C++ compiler on the CPU, Triton on CUDA. auto:
-    on for runs of at least 50 optimizer steps on models of at least 50M parameters, where
-    the compiler is there, except for losses that compare two passes of the model (DPO, IPO,
-    KTO and LiPO against their reference, PPO, GRPO): compiled, with and without the adapters,
-    those passes round bf16 differently (true still compiles them; fp32 agrees)."""
+    element-wise work, fewer saved activations; sampling and validation stay eager): more
+    tokens/s at a lower peak after a first step that compiles (figures in bench/README.md;
+    Inductor's on-disk cache makes later first steps shorter). Needs a C++ compiler on the
+    CPU, Triton on CUDA. auto: on for runs of at least 50 optimizer steps on models of at least
+    50M parameters, where the compiler is there, except for losses that compare two passes of
+    the model (DPO, IPO, KTO and LiPO against their reference, PPO, GRPO): compiled, with and
+    without the adapters, those passes round bf16 differently (true still compiles them; fp32
+    agrees)."""
     eval_every: int = 50
     """Validation loss every N optimizer steps (0: only at the end)."""
     save_every: int = 50
