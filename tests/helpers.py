@@ -32,3 +32,23 @@ def preference_records(n: int, seed: int = 0) -> list[dict]:
         out.append({"prompt": [user], "chosen": [answer],
                     "rejected": [{"role": "assistant", "content": "I cannot say."}]})
     return out
+
+
+def write_recipe_config(tmp_path: Path, recipe: str, train: list[dict], validation: list[dict],
+                        section: dict, **train_settings) -> str:
+    """A tiny-llama LoRA config of an offline recipe that compares responses (dpo, kto, ...):
+    its data files, 6 steps evaluated and saved every 3, and the recipe's own ``section``."""
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "val.jsonl", validation)
+    settings = {"batch_size": 4, "max_steps": 6, "lr": 5e-3, "bf16": "false", "eval_every": 3,
+                "save_every": 3, "warmup_steps": 0, "metric_for_best": "val_reward_accuracy",
+                **train_settings}
+    cfg = tmp_path / f"{recipe}.yaml"
+    cfg.write_text(
+        f"recipe: {recipe}\n"
+        "model: {name: 'tiny:llama'}\n"
+        "adapter: {method: lora, r: 4, alpha: 8}\n"
+        f"data: {{train: {tmp_path / 'train.jsonl'}, validation: {tmp_path / 'val.jsonl'}}}\n"
+        f"train: {json.dumps(settings)}\n"
+        f"{'preference' if recipe == 'dpo' else recipe}: {json.dumps(section)}\n")
+    return str(cfg)

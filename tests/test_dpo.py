@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import preference_records, write_jsonl
+from helpers import preference_records, write_jsonl, write_recipe_config
 from test_cli_train import tuneforge
 
 from tuneforge.config import AdapterConfig, TrainConfig, load_config
@@ -129,19 +129,8 @@ def test_dpo_loss_matches_a_hand_written_reference(tmp_path):
 
 
 def write_dpo_config(tmp_path, **pref) -> str:
-    write_jsonl(tmp_path / "train.jsonl", preference_records(24))
-    write_jsonl(tmp_path / "val.jsonl", preference_records(32)[24:])
-    settings = {"batch_size": 4, "max_steps": 6, "lr": 5e-3, "bf16": "false", "eval_every": 3,
-                "save_every": 3, "warmup_steps": 0, "metric_for_best": "val_reward_accuracy"}
-    cfg = tmp_path / "dpo.yaml"
-    cfg.write_text(
-        "recipe: dpo\n"
-        "model: {name: 'tiny:llama'}\n"
-        "adapter: {method: lora, r: 4, alpha: 8}\n"
-        f"data: {{train: {tmp_path / 'train.jsonl'}, validation: {tmp_path / 'val.jsonl'}}}\n"
-        f"train: {json.dumps(settings)}\n"
-        f"preference: {json.dumps({'beta': 0.5, **pref})}\n")
-    return str(cfg)
+    return write_recipe_config(tmp_path, "dpo", preference_records(24), preference_records(32)[24:],
+                               {"beta": 0.5, **pref})
 
 
 def test_dpo_cli_end_to_end(tmp_path):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import chat_records, write_jsonl
+from helpers import chat_records, write_jsonl, write_recipe_config
 from test_cli_train import tuneforge
 from test_dpo import naive_sequence_logps
 
@@ -106,19 +106,8 @@ def test_kto_pushes_thumbs_up_above_and_thumbs_down_below(tmp_path, method, refe
 
 
 def write_kto_config(tmp_path, **kto) -> str:
-    write_jsonl(tmp_path / "train.jsonl", unpaired_records(24))
-    write_jsonl(tmp_path / "val.jsonl", unpaired_records(32)[24:])
-    settings = {"batch_size": 4, "max_steps": 6, "lr": 5e-3, "bf16": "false", "eval_every": 3,
-                "save_every": 3, "warmup_steps": 0, "metric_for_best": "val_reward_accuracy"}
-    cfg = tmp_path / "kto.yaml"
-    cfg.write_text(
-        "recipe: kto\n"
-        "model: {name: 'tiny:llama'}\n"
-        "adapter: {method: lora, r: 4, alpha: 8}\n"
-        f"data: {{train: {tmp_path / 'train.jsonl'}, validation: {tmp_path / 'val.jsonl'}}}\n"
-        f"train: {json.dumps(settings)}\n"
-        f"kto: {json.dumps({'beta': 0.5, **kto})}\n")
-    return str(cfg)
+    return write_recipe_config(tmp_path, "kto", unpaired_records(24), unpaired_records(32)[24:],
+                               {"beta": 0.5, **kto})
 
 
 def test_kto_cli_end_to_end_and_bad_settings(tmp_path):
