@@ -109,13 +109,19 @@ def test_dpo_grows_the_chosen_rejected_margin(tmp_path, method, reference):
     assert steps[-1]["loss"] < 0.5 * math.log(2)
 
 
-def test_dpo_loss_matches_a_hand_written_reference(tmp_path):
+def lora_off_zero():
+    """A tiny llama with a LoRA adapter moved off zero, so the policy differs from the reference."""
     model, _ = load_model("tiny:llama")
     model = prepare_model(model, AdapterConfig(method="lora", r=4, alpha=8))
-    with torch.no_grad():  # move the adapter off zero so policy != reference
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
+    return model
+
+
+def test_dpo_loss_matches_a_hand_written_reference(tmp_path):
+    model = lora_off_zero()
     data = pairs(tmp_path, 4)
     objective = PreferenceObjective(model, "dpo", beta=0.3, reference="cached")
     loss, metrics = objective.loss(objective.module, data, torch.device("cpu"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import chat_records, write_jsonl, write_recipe_config
 from test_cli_train import tuneforge
-from test_dpo import naive_sequence_logps
+from test_dpo import lora_off_zero, naive_sequence_logps
 
 from tuneforge.config import AdapterConfig, TrainConfig, load_config
 from tuneforge.data.formats import parse_examples
@@ -53,12 +53,7 @@ def test_each_completion_gets_the_next_records_completion_as_its_mismatched_twin
 
 
 def test_kto_loss_matches_a_hand_written_reference(tmp_path):
-    model, _ = load_model("tiny:llama")
-    model = prepare_model(model, AdapterConfig(method="lora", r=4, alpha=8))
-    with torch.no_grad():  # move the adapter off zero so policy != reference
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = lora_off_zero()
     data = items(tmp_path, 6)
     beta, w_up, w_down = 0.3, 1.0, 1.5
     objective = KTOObjective(model, beta, w_up, w_down, reference="cached")
