@@ -680,7 +680,7 @@ def _preference(record: dict, ctx: _Context) -> Example | None:
     prompt = _prompt(record, "prompt", ctx)
     chosen = _response_key(record, "chosen", ctx)
     rejected = _response_key(record, "rejected", ctx)
-    if ctx.failed:
+    if ctx.failed or not _distinct_responses([chosen, rejected], ["chosen", "rejected"], ctx):
         return None
     known = {"prompt", "chosen", "rejected"}
     return ctx.example(
@@ -711,6 +711,8 @@ def _implicit_prompt_preference(record: dict, ctx: _Context) -> Example | None:
         if not _assistant_only(messages[shared:], fields, key, ctx):
             return None
         responses.append(messages[shared:])
+    if not _distinct_responses(responses, ["chosen", "rejected"], ctx):
+        return None
     known = {"chosen", "rejected"}
     return ctx.example("preference", record, known, prompt_messages=prompt, responses=responses)
 
@@ -729,7 +731,8 @@ def _openai_preference(record: dict, ctx: _Context) -> Example | None:
                 prompt = None
     preferred = _response_key(record, "preferred_output", ctx)
     rejected = _response_key(record, "non_preferred_output", ctx)
-    if ctx.failed:
+    names = ["preferred_output", "non_preferred_output"]
+    if ctx.failed or not _distinct_responses([preferred, rejected], names, ctx):
         return None
     known = {"input", "preferred_output", "non_preferred_output"}
     return ctx.example(
@@ -751,7 +754,7 @@ def _ranking(record: dict, ctx: _Context) -> Example | None:
     else:
         responses = [_response(v, f"responses[{i}]", ctx) for i, v in enumerate(values)]
     scores = _scores(record, len(responses), ctx) if responses else None
-    if ctx.failed:
+    if ctx.failed or not _distinct_responses(responses, _fields("responses", responses), ctx):
         return None
     if scores is not None:
         order = sorted(range(len(responses)), key=lambda i: -scores[i])  # stable for ties
@@ -774,6 +777,24 @@ def _scores(record: dict, count: int, ctx: _Context) -> list[float] | None:
         return None
     scores = [_finite(value, f"scores[{i}]", ctx) for i, value in enumerate(values)]
     return None if None in scores else scores  # type: ignore[return-value]
+
+
+def _distinct_responses(responses: list[list[Message]], fields: list[str], ctx: _Context) -> bool:
+    """Every response differs from the others once whitespace is collapsed; False (and an
+    error per repeat) otherwise: a pair or ranking of one response twice teaches no preference."""
+    first: dict[str, str] = {}
+    for response, field in zip(responses, fields, strict=True):
+        # NUL joins the messages: it is not whitespace, so message boundaries still count
+        key = "\x00".join(" ".join(m.content.split()) for m in response)
+        if key in first:
+            ctx.error(
+                field,
+                f"the same response as {first[key]} (after collapsing whitespace): "
+                "nothing to prefer",
+            )
+        else:
+            first[key] = field
+    return not ctx.failed
 
 
 def _finite(value: Any, field: str, ctx: _Context) -> float | None:

@@ -19,7 +19,8 @@ from tuneforge.errors import DataError
 
 
 def load_splits(config: RunConfig, kinds: tuple[str, ...] = ("sft",), recipe: str = "sft") -> tuple[list[Example], list[Example]]:
-    """Check the data files (structure, duplicates, leakage) and read train and validation.
+    """Check the data files (structure, duplicates, leakage, records without training signal)
+    and read train and validation.
 
     ``kinds`` are the example kinds the recipe trains on; other records are refused by file:line.
     """
@@ -29,7 +30,8 @@ def load_splits(config: RunConfig, kinds: tuple[str, ...] = ("sft",), recipe: st
     d = config.data
     others = {"validation": [Path(d.validation)] if d.validation else [],
               "test": [Path(d.test)] if d.test else []}
-    report = check_data(Path(d.train), fmt=d.format, **others)
+    report = check_data(Path(d.train), fmt=d.format, rating_scale=d.rating_scale, labels=d.labels,
+                        **others)
     if not report.ok:
         raise DataError(format_problems(report.errors, f"data check found {len(report.errors)} "
                                         "error(s) (run `tuneforge data check` for the full report):"))

@@ -1,9 +1,12 @@
 """The checks and statistics behind ``tuneforge data check``.
 
 Everything is reported at once so a user can fix a data set in one pass: format problems from
-:mod:`tuneforge.data.formats`, duplicates within a file (a warning: sometimes intended), the
-same example in train and in validation/test (an error: the evaluation would measure recall,
-not generalisation), and, given a tokenizer, examples too long for the model once templated.
+:mod:`tuneforge.data.formats` (pairs and rankings whose responses repeat among them), duplicates
+within a file (a warning: sometimes intended), the same example in train and in validation/test
+(an error: the evaluation would measure recall, not generalisation) and near-duplicates across
+them (a warning), records that carry no training signal (ratings off the declared scale,
+classification sets with one class, evaluation labels never seen in training, rare classes),
+and, given a tokenizer, examples too long for the model once templated.
 The statistics (examples, token lengths, tokens per epoch, a rough time estimate) answer "how
 big is this job" before a GPU is rented for it.
 """
@@ -29,6 +32,7 @@ from tuneforge.data.formats import (
     location,
     parse_examples,
 )
+from tuneforge.data.near_duplicates import DEFAULT_THRESHOLD, near_matches
 from tuneforge.data.render import IGNORE_INDEX
 from tuneforge.errors import DataError
 
@@ -95,15 +99,29 @@ def check_data(
     context_limit: int | None = None,
     n_params: int | None = None,
     flops_per_second: float | None = None,
+    rating_scale: Sequence[float] | None = None,
+    labels: Sequence[str] | str | Path | None = None,
+    min_class_count: int = 2,
+    near_dup_threshold: float = DEFAULT_THRESHOLD,
 ) -> CheckReport:
     """Check a training file (and optional validation/test files); never raises for bad data.
 
     ``max_length`` is the length examples must fit; without it the tokenizer's
     ``model_max_length`` or ``context_limit`` (the model's, e.g. ``max_position_embeddings``)
     is used when known. ``n_params`` enables the training-time estimate; ``flops_per_second``
-    replaces the matmul probe (measured once per process otherwise). Raises DataError only for
-    an unknown ``fmt`` name.
+    replaces the matmul probe (measured once per process otherwise). ``rating_scale``
+    (``[low, high]``) range-checks ratings; ``labels`` (a list, or a file holding them) are the
+    allowed classification labels; a training class with fewer than ``min_class_count``
+    examples is a warning; an evaluation example at least ``near_dup_threshold`` similar (word
+    3-gram Jaccard) to a training example is a warning. Raises DataError only for an unknown
+    ``fmt`` name, a missing labels file or an out-of-range setting.
     """
+    scale = _rating_scale(rating_scale)
+    declared = _declared_labels(labels)
+    if min_class_count < 1:
+        raise DataError(f"min_class_count: must be >= 1 (got {min_class_count})")
+    if not 0 < near_dup_threshold <= 1:
+        raise DataError(f"near-duplicate threshold: must be in (0, 1] (got {near_dup_threshold})")
     files = [("train", Path(train))]
     files += [("validation", Path(p)) for p in validation] + [("test", Path(p)) for p in test]
     report = CheckReport()
@@ -111,11 +129,13 @@ def check_data(
     file_stats = []
     for split, path in files:
         examples, problems = _parse(path, fmt)
-        problems += _duplicates(examples)
+        problems += _duplicates(examples) + _off_scale(examples, scale)
         report.problems += problems
         loaded.append((split, str(path), examples))
         file_stats.append(_file_stats(split, str(path), examples, problems))
     report.problems += _leakage(loaded)
+    report.problems += _near_leakage(loaded, near_dup_threshold)
+    report.problems += _classes(loaded, declared, min_class_count)
     report.stats["files"] = file_stats
     if tokenizer is not None:
         limit, origin = _length_limit(tokenizer, max_length, context_limit)
@@ -128,6 +148,24 @@ def check_data(
     order = {str(path): i for i, (_, path) in enumerate(files)}
     report.problems.sort(key=lambda p: (order.get(p.source, len(order)), p.line or 0))
     return report
+
+
+def _rating_scale(scale: Sequence[float] | None) -> tuple[float, float] | None:
+    if scale is None:
+        return None
+    values = list(scale)
+    if len(values) != 2 or not all(math.isfinite(v) for v in values) or values[0] >= values[1]:
+        raise DataError(f"rating scale: expected LOW,HIGH with LOW < HIGH, e.g. 1,5 (got {values})")
+    return values[0], values[1]
+
+
+def _declared_labels(labels: Sequence[str] | str | Path | None) -> list[str] | None:
+    """The labels as a list; a str or Path is a file of them (read as ``tuneforge eval`` does)."""
+    if labels is None:
+        return None
+    from tuneforge.eval.tasks import read_labels
+
+    return read_labels(str(labels) if isinstance(labels, (str, Path)) else list(labels))
 
 
 def _parse(path: Path, fmt: str | None) -> tuple[list[Example], list[Problem]]:
@@ -220,6 +258,107 @@ def _leakage(loaded: list[tuple[str, str, list[Example]]]) -> list[Problem]:
                 where = location(match.source, match.line)
                 message = f"same example as {where} in the training data (train/{split} leakage)"
                 problems.append(Problem(ex.source, ex.line, "record", message))
+    return problems
+
+
+def _near_leakage(loaded: list[tuple[str, str, list[Example]]], threshold: float) -> list[Problem]:
+    """An evaluation example nearly the same as a training one (a changed name or number) is
+    likely the same item: a warning naming the closest training example and their similarity.
+    Exact copies are left to :func:`_leakage`, which makes them errors."""
+    train = [ex for split, _, examples in loaded if split == "train" for ex in examples]
+    train_keys = [example_key(ex) for ex in train]
+    exact = set(train_keys)
+    held_out = [
+        (split, ex, key)
+        for split, _, examples in loaded
+        if split != "train"
+        for ex in examples
+        if (key := example_key(ex)) not in exact
+    ]
+    if not train or not held_out:
+        return []
+    best: dict[int, tuple[float, int]] = {}
+    for i, j, score in near_matches([key for _, _, key in held_out], train_keys, threshold):
+        if i not in best or score > best[i][0]:  # sorted by j: ties keep the earliest line
+            best[i] = (score, j)
+    problems = []
+    for i, (score, j) in sorted(best.items()):
+        split, ex, _ = held_out[i]
+        where = location(train[j].source, train[j].line)
+        message = (
+            f"near-duplicate of {where} in the training data (Jaccard {score:.3f} >= "
+            f"{threshold:g}): possible train/{split} leakage"
+        )
+        problems.append(Problem(ex.source, ex.line, "record", message, "warning"))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Records without training signal
+
+
+def _off_scale(examples: Iterable[Example], scale: tuple[float, float] | None) -> list[Problem]:
+    """Ratings outside the declared scale: a typo (40 for 4) or a file on another scale."""
+    if scale is None:
+        return []
+    low, high = scale
+    problems = []
+    for ex in examples:
+        if ex.kind == "rating" and ex.scores and not low <= ex.scores[0] <= high:
+            message = f"{ex.scores[0]:g} is outside the declared rating scale {low:g} to {high:g}"
+            problems.append(Problem(ex.source, ex.line, "rating", message))
+    return problems
+
+
+def _classes(
+    loaded: list[tuple[str, str, list[Example]]], declared: list[str] | None, min_count: int
+) -> list[Problem]:
+    """Classification labels a model cannot learn: labels outside the declared list, a training
+    set of one class (errors), classes with fewer than ``min_count`` training examples
+    (warnings), and evaluation labels that never occur in training (errors)."""
+    problems = []
+    if declared is not None:
+        allowed = ", ".join(declared)
+        for ex in (ex for _, _, examples in loaded for ex in examples):
+            if ex.label is not None and ex.label not in declared:
+                message = f"{ex.label!r} is not one of the declared labels ({allowed})"
+                problems.append(Problem(ex.source, ex.line, "label", message))
+    train = [ex for split, _, exs in loaded if split == "train" for ex in exs if ex.label]
+    if not train:
+        return problems
+    counts = Counter(ex.label for ex in train)
+    if len(counts) == 1:
+        message = f"every training example has the label {train[0].label!r}: nothing to tell apart"
+        problems.append(Problem(train[0].source, None, "label", message))
+    else:
+        problems += _rare_classes(train, counts, declared, min_count)
+    held_out = [ex for split, _, exs in loaded if split != "train" for ex in exs if ex.label]
+    for ex in held_out:
+        undeclared = declared is not None and ex.label not in declared  # reported above
+        if ex.label not in counts and not undeclared:
+            message = f"{ex.label!r} never occurs in the training data: the model cannot learn it"
+            problems.append(Problem(ex.source, ex.line, "label", message))
+    return problems
+
+
+def _rare_classes(
+    train: list[Example], counts: Counter, declared: list[str] | None, min_count: int
+) -> list[Problem]:
+    """A warning at the first example of each class rarer than ``min_count``, and one per
+    declared label that training never shows."""
+    first: dict[str, Example] = {}
+    for ex in train:
+        first.setdefault(ex.label, ex)
+    problems = []
+    for label, count in counts.items():
+        if count < min_count:
+            few = _plural(count, "training example")
+            message = f"the class {label!r} has {few} (fewer than {min_count}): too few to learn"
+            ex = first[label]
+            problems.append(Problem(ex.source, ex.line, "label", message, "warning"))
+    for label in [lab for lab in declared or [] if lab not in counts]:
+        message = f"the declared label {label!r} has no training examples"
+        problems.append(Problem(train[0].source, None, "label", message, "warning"))
     return problems
 
 
