@@ -39,6 +39,13 @@ def register(subparsers: Any) -> None:
     _add_signal_flags(check)
     check.set_defaults(func=check_command)
     _add_report_command(commands)
+    from tuneforge.data.clean import register as register_clean
+
+    register_clean(commands)
+
+    from tuneforge.data.synth import add_synth_parser
+
+    add_synth_parser(commands)  # data synth: grow a seed set with a teacher model
 
 
 def _add_signal_flags(check: argparse.ArgumentParser) -> None:

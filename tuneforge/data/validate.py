@@ -133,7 +133,7 @@ def check_data(
         report.problems += problems
         loaded.append((split, str(path), examples))
         file_stats.append(_file_stats(split, str(path), examples, problems))
-    report.problems += _leakage(loaded)
+    report.problems += exact_leakage(loaded)
     report.problems += _near_leakage(loaded, near_dup_threshold)
     report.problems += _classes(loaded, declared, min_class_count)
     report.stats["files"] = file_stats
@@ -241,7 +241,7 @@ def _duplicates(examples: Iterable[Example]) -> list[Problem]:
     return problems
 
 
-def _leakage(loaded: list[tuple[str, str, list[Example]]]) -> list[Problem]:
+def exact_leakage(loaded: list[tuple[str, str, list[Example]]]) -> list[Problem]:
     """An evaluation example also in train measures memory, not skill: an error."""
     train: dict[str, Example] = {}
     for split, _, examples in loaded:
@@ -264,7 +264,7 @@ def _leakage(loaded: list[tuple[str, str, list[Example]]]) -> list[Problem]:
 def _near_leakage(loaded: list[tuple[str, str, list[Example]]], threshold: float) -> list[Problem]:
     """An evaluation example nearly the same as a training one (a changed name or number) is
     likely the same item: a warning naming the closest training example and their similarity.
-    Exact copies are left to :func:`_leakage`, which makes them errors."""
+    Exact copies are left to :func:`exact_leakage`, which makes them errors."""
     train = [ex for split, _, examples in loaded if split == "train" for ex in examples]
     train_keys = [example_key(ex) for ex in train]
     exact = set(train_keys)
@@ -382,18 +382,18 @@ def _length_limit(
 
 
 # What each response is called in a message, by format (rankings: responses[i]).
-_RESPONSE_NAMES = {
+RESPONSE_NAMES = {
     "preference": ["chosen", "rejected"],
     "rating": ["response"],
     "unpaired": ["completion"],
 }
 
 
-def _sequences(example: Example) -> list[tuple[str, Example]]:
+def templated_sequences(example: Example) -> list[tuple[str, Example]]:
     """What training tokenises: the example, or the prompt with each response in turn."""
     if example.responses is None:
         return [("messages" if example.messages is not None else "completion", example)]
-    names = _RESPONSE_NAMES.get(example.format, [])
+    names = RESPONSE_NAMES.get(example.format, [])
     out = []
     for i, response in enumerate(example.responses):
         name = names[i] if i < len(names) else f"responses[{i}]"
@@ -412,7 +412,7 @@ def _token_stats(
     for split, _, examples in loaded:
         failures: dict[str, list[Example]] = defaultdict(list)
         for ex in examples:
-            for name, sequence in _sequences(ex):
+            for name, sequence in templated_sequences(ex):
                 try:
                     tokens = render_sft(sequence, tokenizer)
                 except DataError as err:

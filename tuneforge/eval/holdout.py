@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from tuneforge.data.example import Example
 from tuneforge.data.formats import location
 from tuneforge.data.templates import prompt_and_reference
-from tuneforge.data.validate import _leakage, example_key
+from tuneforge.data.validate import exact_leakage, example_key
 from tuneforge.errors import DataError
 from tuneforge.eval.metrics import normalize_answer
 
@@ -69,7 +69,7 @@ def find_leaks(train: Sequence[Example], test: Sequence[Example],
     """Every test example that is an exact or near-exact copy of a training example."""
     by_place = {(ex.source, ex.line): ex for ex in test}
     leaks = {}
-    problems = _leakage([("train", "", list(train)), ("test", "", list(test))])
+    problems = exact_leakage([("train", "", list(train)), ("test", "", list(test))])
     if problems:  # the partner of each, for the message
         first_of = {}
         for ex in train:
