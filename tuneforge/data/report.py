@@ -23,6 +23,7 @@ import html
 import io
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,6 +57,29 @@ ANSWER_LABELS = 20  # most distinct answer first lines still read as labels
 SPLIT_COLOURS = {"train": "#1f4e79", "validation": "#e67e22", "test": "#27ae60"}
 
 Measure = Callable[[list[str]], list[int]]
+
+
+def add_report_options(parser: Any) -> None:
+    """``--report DIR`` / ``--no-report``: the quality report that ``clean`` and ``synth`` write
+    of their output (default folder: ``<OUT stem>-report`` next to OUT)."""
+    parser.add_argument("--report", metavar="DIR",
+                        help="folder of the quality report of OUT (default: <OUT stem>-report/)")
+    parser.add_argument("--no-report", dest="write_report", action="store_false",
+                        help="do not write the quality report")
+
+
+def report_of_output(output: str | Path, args: Any, *, validation: Sequence[str | Path] = (),
+                     test: Sequence[str | Path] = ()) -> Path | None:
+    """The quality report of a command's output file, as ``add_report_options`` asked; its HTML
+    path (printed), or None when switched off."""
+    if not getattr(args, "write_report", True):
+        return None
+    output = Path(output)
+    folder = Path(args.report) if getattr(args, "report", None) else output.with_name(f"{output.stem}-report")
+    path = write_report(output, folder, validation=validation, test=test,
+                        title=f"Data report: {output.name}")
+    print(f"quality report: {path}", file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+    return path
 
 
 def write_report(
