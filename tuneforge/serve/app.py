@@ -5,7 +5,9 @@
 and ``GET /metrics`` (Prometheus) do not. Every error, malformed requests first, is answered in
 OpenAI's error shape with a 4xx status: 400 bad parameters or JSON, 401 no valid key, 404
 unknown model or path, 413 body too large, 429 rate limited (``Retry-After``); 503 when the
-queue is full. Each ``/v1`` request adds a line to the request log.
+queue is full. Bodies are bounded before any route reads them (:mod:`.guard`: size, JSON depth);
+too many failed authentications from one address get 429 for a while. Each ``/v1`` request adds
+a line to the request log, its error's code and message included.
 
 Graceful shutdown is uvicorn's: on SIGINT/SIGTERM it stops accepting connections and waits for
 in-flight requests (streams included) to finish; then the lifespan stops the batcher.
@@ -17,13 +19,13 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -33,15 +35,17 @@ from tuneforge.data.render import render_prompt
 from tuneforge.errors import ConfigError
 from tuneforge.generation import RowSettings
 from tuneforge.serve import protocol
-from tuneforge.serve.auth import ANONYMOUS, KeyStore, RateLimiter, bearer_key, retry_after_header
+from tuneforge.serve.auth import ANONYMOUS, KeyStore, RateLimiter, bearer_key, retry_after_seconds
 from tuneforge.serve.batcher import Batcher, Job, JobResult, QueueFull
 from tuneforge.serve.engine import ServedModels
+from tuneforge.serve.guard import BodyGuard
 from tuneforge.serve.metrics import CONTENT_TYPE, Metrics
 from tuneforge.serve.protocol import APIError, ChatRequest, CompletionRequest
 from tuneforge.serve.requestlog import RequestLog, RequestRecord
 
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+ERROR_MESSAGE_CHARS = 500  # of an unexpected exception's message, in the request log
 
 
 @dataclass
@@ -49,32 +53,39 @@ class ServeSettings:
     """Limits and batching of a server (the ``tuneforge serve`` flags)."""
 
     max_request_bytes: int = 1_000_000
+    max_upload_bytes: int = 100_000_000  # multipart/form-data bodies (file uploads)
     max_tokens: int = 512  # a request may ask for at most this many new tokens per choice
     max_batch_size: int = 16
     batch_wait_ms: float = 5.0
     max_queue: int = 256
     rate_limit: float = 600.0  # requests per minute per key; 0 = unlimited
     rate_burst: int = 60
+    auth_fail_limit: float = 10.0  # failed authentications per minute per client address
+    auth_fail_burst: int = 10  # ... allowed at once, before that address gets 429s
     request_log: str | Path | None = None
     log_prompts: bool = False
 
     def check(self) -> None:
         problems = [f"--{name.replace('_', '-')} must be {rule}" for name, bad, rule in (
             ("max_request_bytes", self.max_request_bytes < 1024, "at least 1024"),
+            ("max_upload_bytes", self.max_upload_bytes < 1024, "at least 1024"),
             ("max_tokens", self.max_tokens < 1, "at least 1"),
             ("max_batch_size", self.max_batch_size < 1, "at least 1"),
             ("batch_wait_ms", not 0 <= self.batch_wait_ms <= 1000, "within 0..1000"),
             ("max_queue", self.max_queue < 1, "at least 1"),
             ("rate_limit", self.rate_limit < 0, "0 (unlimited) or more"),
             ("rate_burst", self.rate_burst < 1, "at least 1"),
+            ("auth_fail_limit", self.auth_fail_limit < 0, "0 (unlimited) or more"),
+            ("auth_fail_burst", self.auth_fail_burst < 1, "at least 1"),
         ) if bad]
         if problems:
             raise ConfigError("; ".join(problems))
 
 
 def create_app(models: ServedModels, settings: ServeSettings | None = None,
-               keys: KeyStore | None = None) -> FastAPI:
-    """The app serving ``models``; ``keys=None`` turns authentication off."""
+               keys: KeyStore | None = None, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The app serving ``models``; ``keys=None`` turns authentication off. ``routers`` add
+    endpoints (the jobs API's files and fine-tuning jobs) behind the same keys and limits."""
     settings = settings or ServeSettings()
     settings.check()
     server = _Server(models, settings, keys)
@@ -92,7 +103,11 @@ def create_app(models: ServedModels, settings: ServeSettings | None = None,
     app.state.server = server
     _add_error_handlers(app)
     _add_routes(app, server)
-    app.add_middleware(_Observe, server=server)
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_request_bytes,
+                       max_upload_bytes=settings.max_upload_bytes, refuse=_refusal)
+    app.add_middleware(_Observe, server=server)  # added last: outermost, sees every answer
     return app
 
 
@@ -107,6 +122,7 @@ class _Server:
                                max_queue=settings.max_queue, metrics=self.metrics)
         self.metrics.watch(self.batcher)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self.auth_failures = RateLimiter(settings.auth_fail_limit, settings.auth_fail_burst)
         self.log = (RequestLog(settings.request_log, with_text=settings.log_prompts)
                     if settings.request_log else None)
         self.created = int(time.time())
@@ -114,45 +130,49 @@ class _Server:
     # ------------------------------------------------------------------------- boundary checks
 
     def authorize(self, request: Request, record: RequestRecord) -> None:
-        """Set ``record.key`` from the bearer key (401 if none is valid); 429 past the limit."""
+        """Set ``record.key`` from the bearer key (401 if none is valid); 429 past the key's
+        rate limit, and for every request from an address with too many failed keys lately
+        (its key not even looked at: guessing learns nothing while throttled)."""
         if self.keys is None:
             record.key = ANONYMOUS
         else:
+            address = request.client.host if request.client else "unknown"
+            wait = self.auth_failures.wait(address)
+            if wait > 0:
+                s = self.settings
+                raise self.too_many(wait, f"Too many failed authentications from {address} "
+                                    f"(at most {s.auth_fail_burst} at once, then "
+                                    f"{s.auth_fail_limit:g} a minute)",
+                                    "too_many_failed_authentications")
             key = bearer_key(request.headers.get("authorization"))
             record.key = self.keys.identify(key) if key else None
             if record.key is None:
+                self.auth_failures.acquire(address)
                 raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer "
                                "KEY' with a key this server knows", code="invalid_api_key")
         wait = self.limiter.acquire(record.key)
         if wait > 0:
-            self.metrics.rate_limited.inc()
-            raise APIError(429, f"Rate limit reached for key {record.key}: "
-                           f"{self.settings.rate_limit:g} requests per minute; retry in "
-                           f"{wait:.1f} s", type="requests", code="rate_limit_exceeded",
-                           headers={"Retry-After": retry_after_header(wait)})
+            raise self.too_many(wait, f"Rate limit reached for key {record.key}: "
+                                f"{self.settings.rate_limit:g} requests per minute",
+                                "rate_limit_exceeded")
+
+    def too_many(self, wait: float, reason: str, code: str) -> APIError:
+        """A 429 whose message and ``Retry-After`` give the same whole seconds."""
+        self.metrics.rate_limited.inc()
+        seconds = retry_after_seconds(wait)
+        return APIError(429, f"{reason}; retry in {seconds} s", type="requests", code=code,
+                        headers={"Retry-After": str(seconds)})
 
     async def read_json(self, request: Request) -> Any:
-        """The JSON body, refused (413) past ``max_request_bytes`` before reading all of it."""
-        limit = self.settings.max_request_bytes
-        too_large = APIError(413, f"the request body is over {limit} bytes, this server's "
-                             "limit", code="request_too_large")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise too_large
-        body, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            body.append(chunk)
+        """The JSON body; :class:`~.guard.BodyGuard` has already bounded its size and depth."""
         try:
-            return json.loads(b"".join(body), parse_constant=_no_constants)
+            return json.loads(await request.body(), parse_constant=_no_constants)
         except (ValueError, UnicodeDecodeError) as err:
             raise APIError(400, f"We could not parse the JSON body of your request: {err}",
                            code="invalid_json") from None
 
     def resolve_model(self, name: str, record: RequestRecord) -> str:
-        if name not in self.models.ids:
+        if not self.models.knows(name, record.key):
             raise APIError(404, f"The model {name!r} does not exist on this server; it serves "
                            f"{', '.join(self.models.ids)}", param="model",
                            code="model_not_found")
@@ -239,7 +259,7 @@ class _Server:
             while len(results) < len(jobs):
                 event, index, payload = await events.get()
                 if event == "error":
-                    record.error = "generation_failed"
+                    record.error, record.error_message = "generation_failed", payload
                     yield _sse(APIError(500, payload, type="server_error").body())
                     return
                 text = payload if event == "delta" else ""
@@ -311,7 +331,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
         server.authorize(request, _record(request))
-        return {"object": "list", "data": [model_card(i) for i in server.models.ids]}
+        return {"object": "list",
+                "data": [model_card(i) for i in server.models.visible_ids(_record(request).key)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> dict:
@@ -384,12 +405,17 @@ def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
 # ----------------------------------------------------------------------------- errors
 
 
+def _refusal(scope: dict, err: APIError) -> JSONResponse:
+    """The response to ``err``, its code and message noted for the request log."""
+    record = scope.get("state", {}).get("record")
+    if record is not None and record.error is None:
+        record.error, record.error_message = err.code or err.type, err.message
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     def respond(request: Request, err: APIError) -> JSONResponse:
-        record = request.scope.get("state", {}).get("record")
-        if record is not None:
-            record.error = err.code or err.type
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return _refusal(request.scope, err)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -435,5 +461,12 @@ class _Observe:
 
         try:
             await self.app(scope, receive, observed_send)
+        except Exception as err:
+            # Starlette answers it (the 500 handler) and uvicorn logs the traceback, both after
+            # this middleware has returned: the log line needs the error now.
+            if record.error is None:
+                record.error = "internal_error"
+                record.error_message = f"{type(err).__name__}: {err}"[:ERROR_MESSAGE_CHARS]
+            raise
         finally:
             self.server.finish(record)

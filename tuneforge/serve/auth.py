@@ -1,10 +1,12 @@
-"""API keys and per-key rate limits.
+"""API keys, per-key rate limits and the throttle on failed authentications.
 
 Keys come from a file (one per line, ``name:key`` or a bare ``key``; blank lines and ``#``
 comments skipped) and/or the environment variable ``TUNEFORGE_API_KEYS`` (the same entries,
 comma-separated). Only the sha256 of each key is kept in memory; a request's key is hashed and
 looked up. A key's *id* (its name, or ``key-`` and the first 8 hex digits of its hash) is what
-logs and rate limits see, never the key.
+logs and rate limits see, never the key. Failed authentications are counted per client address
+in a bucket of their own: past its burst, every request from that address gets 429 (its key not
+even looked at) until the bucket refills, which bounds key guessing without slowing others.
 """
 
 from __future__ import annotations
@@ -105,32 +107,54 @@ class _Bucket:
 
 @dataclass
 class RateLimiter:
-    """Token bucket per key id: ``per_minute`` requests a minute on average, bursts of up to
-    ``burst``. ``per_minute <= 0`` means no limit. Thread-safe."""
+    """Token bucket per name (a key id, or a client address for failed authentications):
+    ``per_minute`` events a minute on average, bursts of up to ``burst``. ``per_minute <= 0``
+    means no limit. Thread-safe. Once ``max_buckets`` are held, the buckets that have refilled
+    are forgotten, so memory follows the names active lately, not every name ever seen."""
 
     per_minute: float
     burst: int
     clock: object = time.monotonic
+    max_buckets: int = 10_000
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def acquire(self, key_id: str) -> float:
-        """Take one request from ``key_id``'s bucket: 0.0 if allowed, else the seconds to wait
-        until the next request would be (for ``Retry-After``)."""
+    def acquire(self, name: str) -> float:
+        """Take one token from ``name``'s bucket: 0.0 if there was one, else the seconds to
+        wait until there is (for ``Retry-After``)."""
+        return self._take(name, take=True)
+
+    def wait(self, name: str) -> float:
+        """Seconds until ``name``'s bucket holds a token (0.0: it holds one now); takes none."""
+        return self._take(name, take=False)
+
+    def _take(self, name: str, *, take: bool) -> float:
         if self.per_minute <= 0:
             return 0.0
         rate = self.per_minute / 60.0
         now = self.clock()
         with self._lock:
-            bucket = self._buckets.setdefault(key_id, _Bucket(float(self.burst), now))
+            bucket = self._buckets.get(name)
+            if bucket is None:
+                if not take:
+                    return 0.0
+                if len(self._buckets) >= self.max_buckets:
+                    self._forget_full(now, rate)
+                bucket = self._buckets[name] = _Bucket(float(self.burst), now)
             bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * rate)
             bucket.updated = now
             if bucket.tokens >= 1.0:
-                bucket.tokens -= 1.0
+                bucket.tokens -= 1.0 if take else 0.0
                 return 0.0
             return (1.0 - bucket.tokens) / rate
 
+    def _forget_full(self, now: float, rate: float) -> None:
+        # A full bucket is the same as no bucket: dropping it changes no answer.
+        self._buckets = {name: b for name, b in self._buckets.items()
+                         if b.tokens + (now - b.updated) * rate < self.burst}
 
-def retry_after_header(seconds: float) -> str:
-    """``Retry-After`` is whole seconds; round up so a client that waits that long gets in."""
-    return str(max(1, math.ceil(seconds)))
+
+def retry_after_seconds(seconds: float) -> int:
+    """The wait as ``Retry-After`` gives it: whole seconds, rounded up (a client that waits
+    that long gets in), at least 1. Messages quote the same number."""
+    return max(1, math.ceil(seconds))

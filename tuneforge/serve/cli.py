@@ -37,9 +37,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rate-limit", type=float, default=600.0, metavar="RPM",
                    help="requests per minute per key, 0 = unlimited (default 600)")
     p.add_argument("--rate-burst", type=int, default=60, help="requests a key may send at once")
+    p.add_argument("--auth-fail-limit", type=float, default=10.0, metavar="PER_MIN",
+                   help="failed authentications a minute per client address once its "
+                        "--auth-fail-burst is spent; beyond that every request from the address "
+                        "gets 429 until its allowance refills; 0 = unlimited (default 10)")
+    p.add_argument("--auth-fail-burst", type=int, default=10,
+                   help="failed authentications an address may make at once (default 10)")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="most new tokens a request may ask for, per choice (default 512)")
-    p.add_argument("--max-request-bytes", type=int, default=1_000_000)
+    p.add_argument("--max-request-bytes", type=int, default=1_000_000,
+                   help="larger bodies get 413; JSON nested over 64 levels gets 400")
+    p.add_argument("--max-upload-bytes", type=int, default=100_000_000,
+                   help="larger multipart/form-data bodies (file uploads) get 413 "
+                        "(default 100 MB)")
     p.add_argument("--max-batch-size", type=int, default=16,
                    help="rows generated together (1 = one request at a time)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -81,6 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens,
         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue, rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+        auth_fail_limit=args.auth_fail_limit, auth_fail_burst=args.auth_fail_burst,
+        max_upload_bytes=args.max_upload_bytes,
         request_log=None if args.no_request_log else _request_log_path(args),
         log_prompts=args.log_prompts,
     )

@@ -5,16 +5,23 @@ it, each under its own model id, sharing the base weights.
 under its spec; ``--adapters name=path`` adds more (run folders or PEFT adapter folders). A
 batch runs one model id at a time: in fp32 the adapter is switched on the one PeftModel before
 the batch (a flag flip), in bf16 each id gets its own inference copy once, at start-up.
+
+With a ``source`` of fine-tuned adapters (the jobs API's finished jobs), a model id the server
+was not started with is looked up there, per API key, and its adapter is loaded on its first
+request, in the batcher's thread between batches: a job's model is served as soon as the job
+succeeds, without a restart, and only to the key that owns it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from tuneforge.errors import ConfigError, ModelLoadError
 from tuneforge.generation import PRECISIONS, inference_model
@@ -22,6 +29,16 @@ from tuneforge.models.loading import load_model
 from tuneforge.models.runs import find_run_output
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,127}$")
+
+
+class AdapterSource(Protocol):
+    """Adapters served on demand, each visible to one API key (see the jobs API)."""
+
+    def adapter_for(self, model_id: str, key_id: str | None) -> Path | None:
+        """The adapter folder of ``model_id`` if ``key_id`` may use it, else None."""
+
+    def model_ids(self, key_id: str | None) -> list[str]:
+        """The model ids ``key_id`` may use."""
 
 
 @dataclass
@@ -34,11 +51,52 @@ class ServedModels:
     ids: list[str]  # every model id, in the order /v1/models lists them (a run's own first)
     precision: str = "fp32"
     description: str = ""
+    source: AdapterSource | None = None
     _copies: dict[str, tuple[object, bool]] = field(default_factory=dict, repr=False)
+    _pending: dict[str, Path] = field(default_factory=dict, repr=False)
+    _loaded: list[str] = field(default_factory=list, repr=False)  # ids loaded from ``source``
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def adapter_ids(self) -> list[str]:
-        return [i for i in self.ids if i != self.base_id]
+        return [i for i in self.ids if i != self.base_id] + self._loaded
+
+    def visible_ids(self, key_id: str | None) -> list[str]:
+        """The ids ``key_id`` may call: the server's own, then its fine-tuned models."""
+        extra = self.source.model_ids(key_id) if self.source is not None else []
+        return self.ids + [i for i in extra if i not in self.ids]
+
+    def knows(self, model_id: str, key_id: str | None) -> bool:
+        """Whether ``key_id`` may call ``model_id``; a fine-tuned one not loaded yet is queued
+        for loading at its first batch."""
+        if model_id in self.ids:
+            return True
+        folder = self.source.adapter_for(model_id, key_id) if self.source is not None else None
+        if folder is None:
+            return False
+        with self._lock:
+            if model_id not in self._loaded:
+                self._pending.setdefault(model_id, folder)
+        return True
+
+    def _load_pending(self, model_id: str) -> None:
+        """Attach a fine-tuned adapter looked up by :meth:`knows` (batcher thread only)."""
+        with self._lock:
+            folder = self._pending.get(model_id)
+        if folder is None:
+            return
+        folder = _adapter_folder(folder, model_id, self.base_id)
+        self.model = _attach(self.model, folder, model_id,
+                             first=not hasattr(self.model, "peft_config"))
+        self.model.eval()
+        with self._lock:
+            self._loaded.append(model_id)
+            del self._pending[model_id]
+        if self.precision != "fp32":
+            with self._activated(model_id):
+                run_model, autocast = inference_model(self.model, self.precision)
+            if run_model is not self.model:
+                self._copies[model_id] = (run_model, autocast)
 
     @property
     def context_length(self) -> int | None:
@@ -72,6 +130,8 @@ class ServedModels:
 
         Only the batcher's worker thread calls this: adapters are switched on shared modules.
         """
+        if model_id in self._pending:
+            self._load_pending(model_id)
         if model_id in self._copies:
             yield self._copies[model_id]
             return

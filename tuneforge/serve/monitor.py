@@ -1,11 +1,17 @@
 """``tuneforge monitor LOG``: what a deployment has been doing, from its JSONL request log.
 
 Volume, error rate (4xx and 5xx apart), latency and time-to-first-token percentiles, token
-totals, by model and by key, and the same per time bucket. Output-length drift compares the
-completion lengths of the first quarter of the successful requests (the baseline) with the last
-quarter: the change of the mean, of the share cut off by max_tokens, and a two-sample
-Kolmogorov-Smirnov test (drift is flagged when D exceeds its 1% critical value). A plot shows
-the buckets: requests and errors, error rate, latency, output length.
+totals, by model, by key and by endpoint, and the same per time bucket. Output-length drift
+compares, per generation endpoint, the completion lengths of the first quarter of its successful
+requests (the baseline) with the last quarter: the change of the mean, of the share cut off by
+max_tokens, and a two-sample Kolmogorov-Smirnov test (drift is flagged when D exceeds its 1%
+critical value). A plot shows the buckets: requests and errors, error rate, latency, output
+length.
+
+Latency and output length are generation figures: they come from the generation endpoints
+(:data:`GENERATION_ENDPOINTS`) only. A ``/v1/models`` call answers in a millisecond with no
+output; mixed in, a burst of them reads as faster replies and shorter outputs (or hides real
+growth), and so do chat requests mixed with completions, whose default lengths differ.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ NICE_BUCKETS = (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 6 * 3600, 86400, 7 * 864
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_DRIFT_SAMPLE = 8  # successful requests per side before drift is judged
 KS_C_1PCT = 1.628  # c(alpha) of the two-sample KS test at alpha = 0.01
+GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 def read_log(path: str | Path) -> tuple[list[dict], list[str]]:
@@ -87,11 +94,22 @@ def _truncated(record: dict) -> bool:
     return finish == "length" or (isinstance(finish, list) and "length" in finish)
 
 
+def _generated(records: list[dict]) -> list[dict]:
+    """The successful generation requests of ``records``."""
+    return [r for r in records if r["status"] == 200 and r.get("endpoint") in GENERATION_ENDPOINTS]
+
+
 def summarise(records: list[dict], *, bucket: str = "auto") -> dict:
-    """The summary of time-sorted log records (see the module docstring)."""
+    """The summary of time-sorted log records (see the module docstring).
+
+    ``drift`` is the verdict to alert on: the first generation endpoint that drifted, else the
+    busiest one (``drift["endpoint"]`` says which); ``by_endpoint`` has each one's.
+    """
     start, end = records[0]["ts"], records[-1]["ts"]
     span = end - start
     ok = [r for r in records if r["status"] == 200]
+    generated = _generated(records)
+    by_endpoint = _by_endpoint(records)
     client = sum(400 <= r["status"] < 500 for r in records)
     server = sum(r["status"] >= 500 for r in records)
     bucket_s = parse_bucket(bucket, span)
@@ -101,16 +119,44 @@ def summarise(records: list[dict], *, bucket: str = "auto") -> dict:
         "ok": len(ok), "errors_4xx": client, "errors_5xx": server,
         "error_rate": (client + server) / len(records),
         "by_status": dict(sorted(Counter(str(r["status"]) for r in records).items())),
-        "latency_s": _percentiles([float(r["latency_s"]) for r in ok]),
-        "ttft_s": _percentiles([float(r["ttft_s"]) for r in ok if r.get("ttft_s") is not None]),
+        "latency_s": _percentiles([float(r["latency_s"]) for r in generated]),
+        "ttft_s": _percentiles([float(r["ttft_s"]) for r in generated
+                                if r.get("ttft_s") is not None]),
         "prompt_tokens": sum(int(r.get("prompt_tokens") or 0) for r in ok),
         "completion_tokens": sum(int(r.get("completion_tokens") or 0) for r in ok),
         "by_model": dict(Counter(str(r.get("model")) for r in records).most_common()),
         "by_key": dict(Counter(str(r.get("key")) for r in records).most_common()),
+        "by_endpoint": by_endpoint,
         "bucket_s": bucket_s,
         "buckets": _buckets(records, start, bucket_s),
-        "drift": output_length_drift(ok),
+        "drift": _headline_drift(by_endpoint),
     }
+
+
+def _by_endpoint(records: list[dict]) -> dict:
+    """Requests, errors and latency per endpoint; output-length drift per generation one."""
+    out = {}
+    for endpoint, _ in Counter(str(r.get("endpoint")) for r in records).most_common():
+        mine = [r for r in records if str(r.get("endpoint")) == endpoint]
+        ok = [r for r in mine if r["status"] == 200]
+        entry = {"requests": len(mine), "ok": len(ok),
+                 "errors": sum(r["status"] >= 400 for r in mine),
+                 "latency_s": _percentiles([float(r["latency_s"]) for r in ok])}
+        if endpoint in GENERATION_ENDPOINTS:
+            entry["ttft_s"] = _percentiles([float(r["ttft_s"]) for r in ok
+                                            if r.get("ttft_s") is not None])
+            entry["drift"] = output_length_drift(ok)
+        out[endpoint] = entry
+    return out
+
+
+def _headline_drift(by_endpoint: dict) -> dict:
+    judged = {e: v["drift"] for e, v in by_endpoint.items() if "drift" in v and v["ok"]}
+    if not judged:
+        return {"judged": False, "note": "no successful generation requests"}
+    drifted = [e for e, d in judged.items() if d.get("drifted")]
+    endpoint = drifted[0] if drifted else max(judged, key=lambda e: by_endpoint[e]["ok"])
+    return {"endpoint": endpoint, **judged[endpoint]}
 
 
 def _buckets(records: list[dict], start: float, bucket_s: float) -> list[dict]:
@@ -120,7 +166,7 @@ def _buckets(records: list[dict], start: float, bucket_s: float) -> list[dict]:
     out = []
     for index in range(max(groups) + 1):
         group = groups.get(index, [])
-        ok = [r for r in group if r["status"] == 200]
+        ok = _generated(group)
         lengths = [int(r.get("completion_tokens") or 0) for r in ok]
         latency = _percentiles([float(r["latency_s"]) for r in ok]) or {}
         out.append({
@@ -136,7 +182,8 @@ def _buckets(records: list[dict], start: float, bucket_s: float) -> list[dict]:
 
 
 def output_length_drift(ok: list[dict]) -> dict:
-    """Completion lengths of the first quarter of successful requests against the last."""
+    """Completion lengths of the first quarter of ``ok`` (successful requests of one generation
+    endpoint, by time) against the last quarter."""
     lengths = [int(r.get("completion_tokens") or 0) for r in ok]
     quarter = len(lengths) // 4
     if quarter < MIN_DRIFT_SAMPLE:
@@ -182,25 +229,20 @@ def render_summary(s: dict) -> str:
         f"requests     {s['requests']} from {s['start']} to {s['end']} ({rate})",
         f"errors       {100 * s['error_rate']:.1f}%  (4xx {s['errors_4xx']}, "
         f"5xx {s['errors_5xx']}; by status {s['by_status']})",
-        f"latency      {_fmt(s['latency_s'])}   (successful requests)",
+        f"latency      {_fmt(s['latency_s'])}   (successful generation requests)",
         f"first token  {_fmt(s['ttft_s'])}",
         f"tokens       prompt {s['prompt_tokens']}, completion {s['completion_tokens']}",
         f"by model     {s['by_model']}",
         f"by key       {s['by_key']}",
     ]
-    drift = s["drift"]
-    if not drift["judged"]:
-        lines.append(f"drift        not judged: {drift['note']}")
-    else:
-        b, r = drift["baseline"], drift["recent"]
-        verdict = "DRIFTED" if drift["drifted"] else "no significant drift"
-        change = drift["mean_change_pct"]
-        lines.append(
-            f"drift        output length {verdict}: mean {b['mean']:.1f} -> {r['mean']:.1f} "
-            f"tokens ({'-' if change is None else f'{change:+.0f}%'}), cut by max_tokens "
-            f"{100 * b['truncated_rate']:.0f}% -> {100 * r['truncated_rate']:.0f}%, KS D "
-            f"{drift['ks_d']:.2f} vs {drift['ks_critical_1pct']:.2f} at 1% "
-            f"(first {b['n']} vs last {r['n']} requests)")
+    for endpoint, e in s["by_endpoint"].items():
+        lines.append(f"endpoint     {endpoint}: {e['requests']} requests, {e['errors']} errors, "
+                     f"latency {_fmt(e['latency_s'])}")
+    drifts = {e: v["drift"] for e, v in s["by_endpoint"].items() if "drift" in v}
+    if not drifts:
+        lines.append(f"drift        not judged: {s['drift']['note']}")
+    for endpoint, drift in drifts.items():
+        lines.append(f"drift        {endpoint}: {_drift_text(drift)}")
     lines.append(f"\nper {s['bucket_s']:g} s:")
     lines.append(f"{'start':<26}{'requests':>9}{'errors':>8}{'p50 s':>9}{'p99 s':>9}"
                  f"{'out tok':>9}")
@@ -220,8 +262,22 @@ def render_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _drift_text(drift: dict) -> str:
+    if not drift["judged"]:
+        return f"not judged: {drift['note']}"
+    b, r = drift["baseline"], drift["recent"]
+    verdict = "DRIFTED" if drift["drifted"] else "no significant drift"
+    change = drift["mean_change_pct"]
+    return (f"output length {verdict}: mean {b['mean']:.1f} -> {r['mean']:.1f} tokens "
+            f"({'-' if change is None else f'{change:+.0f}%'}), cut by max_tokens "
+            f"{100 * b['truncated_rate']:.0f}% -> {100 * r['truncated_rate']:.0f}%, KS D "
+            f"{drift['ks_d']:.2f} vs {drift['ks_critical_1pct']:.2f} at 1% "
+            f"(first {b['n']} vs last {r['n']} requests)")
+
+
 def plot_summary(s: dict, path: Path) -> Path:
-    """Four panels over time: requests and errors, error rate, latency, output length."""
+    """Four panels over time: requests and errors, error rate, latency, output length (the
+    last two of generation requests)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +306,7 @@ def plot_summary(s: dict, path: Path) -> Path:
     drift = s["drift"]
     if drift["judged"]:
         axes[3].axhline(drift["baseline"]["mean"], color="#27ae60", alpha=0.4, lw=1,
-                        label="baseline mean")
+                        label=f"baseline mean, {drift['endpoint']}")
     axes[3].set_ylabel("completion tokens")
     for ax in axes:
         ax.grid(alpha=0.3)

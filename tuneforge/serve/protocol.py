@@ -3,7 +3,9 @@ response bodies.
 
 Requests are validated strictly (no "5" for 5, no unknown fields): a parameter the server does
 not implement is refused with a 400 naming it, unless it has its no-op value (``n=1``,
-``presence_penalty=0``, ``logprobs=false``, ...), rather than silently ignored.
+``presence_penalty=0``, ``logprobs=false``, ...), rather than silently ignored. Text that is not
+valid Unicode (a lone UTF-16 surrogate such as ``"\ud800"``, which JSON lets through) is refused
+with the field it is in, before a tokenizer fails on it.
 """
 
 from __future__ import annotations
@@ -179,10 +181,39 @@ def parse_request(schema: type[_Sampled], body: Any):
     """``schema`` validated from the JSON ``body``; APIError 400 naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    _refuse_lone_surrogates(body)
     try:
         return schema.model_validate(body)
     except ValidationError as err:
         raise _as_api_error(err) from None
+
+
+def _refuse_lone_surrogates(body: dict) -> None:
+    """APIError 400 naming the first string of ``body`` (or object key) that holds a lone
+    surrogate. Iterative: the guard bounds the body's depth, but this need not rely on it."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        param, value = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, param, param)
+        elif isinstance(value, list):
+            stack.extend((f"{param}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for key in value:  # a bad key cannot name itself: name the object holding it
+                _check_text(key, f"{param or 'the body'}: an object key", param or None)
+            stack.extend((f"{param}.{k}" if param else k, v) for k, v in reversed(value.items()))
+
+
+def _check_text(text: str, where: str, param: str | None) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"{where}: holds a lone UTF-16 surrogate (\\u{ord(text[err.start]):04x} "
+                       f"at character {err.start}), which is not valid Unicode text; send "
+                       "characters beyond U+FFFF as UTF-8 or as a surrogate pair", param=param,
+                       code="invalid_value") from None
 
 
 def _as_api_error(err: ValidationError) -> APIError:

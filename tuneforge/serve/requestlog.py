@@ -5,8 +5,10 @@ Each line: ``time`` (ISO 8601, UTC), ``ts`` (Unix seconds), ``key`` (key id, nev
 ``endpoint``, ``model``, ``status``, ``prompt_tokens``, ``completion_tokens``, ``latency_s``,
 ``ttft_s`` (time to the first generated token), ``stream``, ``choices``, ``finish_reason``
 (``"stop"``/``"length"``, ``"cancelled"`` when the client left mid-stream, or a list with several
-choices) and, for errors, ``error`` (the OpenAI error code or type). With ``--log-prompts`` also
-``prompt`` and ``completion`` texts; off by default, since they may hold personal data.
+choices) and, for errors, ``error`` (the OpenAI error code or type) and ``error_message`` (the
+message the client got; for an unexpected exception, its type and message). With
+``--log-prompts`` also ``prompt`` and ``completion`` texts; off by default, since they may hold
+personal data.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class RequestRecord:
     ttft_s: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
     error: str | None = None
+    error_message: str | None = None
     prompt: object = None
     completion: object = None
 
@@ -51,7 +54,7 @@ class RequestRecord:
             "stream": self.stream, "choices": self.choices, "finish_reason": finish,
         }
         if self.error is not None:
-            out["error"] = self.error
+            out["error"], out["error_message"] = self.error, self.error_message
         if with_text:
             out["prompt"], out["completion"] = self.prompt, self.completion
         return out
