@@ -24,6 +24,7 @@ from tuneforge.cli import main as tuneforge_main
 from tuneforge.data.formats import load_examples
 from tuneforge.data.synth import Deduplicator, SynthOptions, synth
 from tuneforge.data.validate import check_data, example_key
+from tuneforge.errors import ConfigError
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 PROMPTS = [f"Write a short note about parcel {i} and where it is going next week." for i in range(6)]
@@ -334,3 +335,32 @@ def test_deduplicator_finds_leaks_duplicates_and_near_duplicates():
                                      None]
     # Preference groups: the same responses to another prompt are not duplicates.
     assert dedup.verdicts([("q1", "q1", "same reply"), ("q2", "q2", "same reply")]) == [None, None]
+
+
+def test_a_run_judges_paraphrases_with_its_own_template_as_tuneforge_eval_does(tmp_path, one_thread):
+    """--judge RUN: the tuned run scores each paraphrase back the way `tuneforge eval` scores
+    that run (its system prompt and answer template): every kept text is one the run labels
+    right under eval, and the texts it labels otherwise are dropped."""
+    seed = write_jsonl(tmp_path / "labelled.jsonl", [
+        {"text": f"Ticket {i}: my parcel number {i} has not arrived yet.", "label": lab}
+        for i, lab in enumerate(["Shipping", "Billing"] * 4)])
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"name": "tiny:llama"}, "adapter": {"method": "lora", "r": 4, "alpha": 8},
+        "output_dir": str(tmp_path / "run"),
+        "data": {"train": str(seed), "labels": ["Shipping", "Billing"],
+                 "template": {"system": "Route the ticket.", "assistant": "Department: {label}"}},
+        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 0, "save_every": 0,
+                  "bf16": "false", "progress": False}}))
+    assert tuneforge_main(["train", str(cfg)]) == 0
+    out = tmp_path / "para.jsonl"
+    summary = synth(options(seed, out, mode="paraphrase", num=4, judge=str(tmp_path / "run"),
+                            max_attempts=200), say=lambda _: None)
+    assert summary["records"] == 4
+    assert tuneforge_main(["eval", str(tmp_path / "run"), "--data", str(out), "--samples", "0",
+                           "--output-dir", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    tuned = next(iter(result["tasks"].values()))["systems"]["tuned"]
+    assert tuned["accuracy"] == 1.0
+    with pytest.raises(ConfigError, match="--judge"):
+        SynthOptions(str(seed), str(out), 4, mode="instruct", judge="x").check()

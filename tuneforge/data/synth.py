@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneforge.data.example import Example
+from tuneforge.data.example import Example, Message
 from tuneforge.data.formats import load_examples, load_prompts, parse_examples
 from tuneforge.data.near_duplicates import DEFAULT_THRESHOLD, near_matches
 from tuneforge.data.validate import example_key
@@ -112,6 +112,7 @@ class SynthOptions:
     k: int = 4
     reward: str | None = None
     reward_model: str | None = None
+    judge: str | None = None
     output_format: str = "pairs"
     shots: int = 3
     near_threshold: float = DEFAULT_THRESHOLD
@@ -151,6 +152,8 @@ class SynthOptions:
                 p.append(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.teacher and self.teacher_url:
             p.append("give --teacher (a local model or run) or --teacher-url, not both")
+        if self.judge and self.mode != "paraphrase":
+            p.append("--judge scores paraphrases back into their label: it goes with --mode paraphrase")
         if self.output_format not in OUTPUT_FORMATS:
             p.append(f"--output-format {self.output_format!r}: use pairs or rankings")
         if self.mode == "preference":
@@ -240,6 +243,7 @@ class LocalTeacher:
         from tuneforge.models.runs import load_for_inference
 
         self.model, self.tokenizer, self.description = load_for_inference(spec)
+        self.spec = spec
         self.seed, self.top_p, self.batch_size, self.precision = seed, top_p, batch_size, precision
         eos = self.tokenizer.eos_token_id
         self.stop_ids = [eos] if eos is not None else []
@@ -268,17 +272,34 @@ class LocalTeacher:
     def labels_of(self, texts: Sequence[str], task: LabelTask) -> list[str | None]:
         """The label each text scores highest on, as ``tuneforge eval`` scores a test set."""
         from tuneforge.config import TaskConfig
+        from tuneforge.data.templates import apply_template, prompt_and_reference
         from tuneforge.eval.classify import classify
         from tuneforge.eval.tasks import resolve_task
 
+        template = self.template()
         if task.spec is None:
             config = TaskConfig(name="synth", type="classification", labels=task.labels)
-            task.spec = resolve_task(config, task.examples, [], self.tokenizer)
+            seeds = [apply_template(ex, template) for ex in task.examples]
+            task.spec = resolve_task(config, seeds, [], self.tokenizer)
         spec = task.spec
-        prompts = [[{"role": "user", "content": t}] for t in texts]
-        scores = classify(self.model, self.tokenizer, prompts, [spec.labels[0]] * len(texts),
+        label = spec.labels[0]
+        prompts = [prompt_and_reference(apply_template(
+            Example("synth", 0, "classification", messages=[
+                Message("user", t), Message("assistant", label)], label=label), template))[0]
+            for t in texts]
+        scores = classify(self.model, self.tokenizer, prompts, [label] * len(texts),
                           spec.labels, prefix=spec.prefix, suffix=spec.suffix)
         return list(scores.predicted)
+
+    def template(self):
+        """The prompt template a run folder was trained with (its single task's), so that a
+        tuned teacher judges a text as ``tuneforge eval`` would; None for a plain model."""
+        from tuneforge.config import task_configs
+        from tuneforge.eval.evaluate import read_run_config
+
+        config = read_run_config(self.spec) if Path(self.spec).is_dir() else None
+        tasks = task_configs(config) if config is not None else []
+        return tasks[0].template if len(tasks) == 1 else None
 
 
 class RemoteTeacher:
@@ -377,6 +398,12 @@ def make_teacher(opts: SynthOptions, say: Callable[[str], None]) -> LocalTeacher
         teacher = LocalTeacher(opts.teacher_spec, seed=opts.seed, top_p=opts.top_p,
                                batch_size=opts.batch_size, precision=opts.precision)
     say(f"teacher: {teacher.description}")
+    if opts.judge:  # paraphrases are scored back by another model (e.g. a tuned classifier run)
+        say(f"loading the judge {opts.judge}")
+        judge = LocalTeacher(opts.judge, seed=opts.seed, top_p=opts.top_p,
+                             batch_size=opts.batch_size, precision=opts.precision)
+        say(f"judge: {judge.description}")
+        teacher.labels_of = judge.labels_of
     return teacher
 
 
@@ -1041,6 +1068,10 @@ def add_synth_parser(commands: Any) -> None:
     p.add_argument("--k", type=int, default=4, help="preference: responses sampled per prompt")
     p.add_argument("--reward", help="preference: reward NAME, module:fn or file.py:fn")
     p.add_argument("--reward-model", metavar="RUN", help="preference: a reward-model run")
+    p.add_argument("--judge", metavar="MODEL",
+                   help="paraphrase: the model or run folder that scores each new text back into "
+                        "its label (default: the teacher); a run is judged with its own template, "
+                        "as tuneforge eval scores it")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="pairs",
                    help="preference: best vs worst pairs, or rankings with scores")
     p.add_argument("--near-threshold", type=float, default=DEFAULT_THRESHOLD,
