@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_experiments(sub)  # sweep, curve
 
+    from tuneforge.jobs.cli import register as register_jobs
+
+    register_jobs(sub)  # jobs serve, jobs worker
+
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
