@@ -48,6 +48,10 @@ def later_router() -> APIRouter:
     async def broken() -> dict:
         raise RuntimeError("the jobs store is unreachable")
 
+    @router.get("/v1/things/{thing_id}")
+    async def thing(thing_id: str) -> dict:
+        return {"id": thing_id}
+
     return router
 
 
@@ -156,6 +160,14 @@ def test_the_request_log_keeps_error_codes_and_messages(live):
     assert chats[-1]["status"] == 400 and chats[-1]["error"] == "invalid_json"
     assert chats[-1]["error_message"] == deep.json()["error"]["message"]
     assert all("error" not in r for r in chats if r["status"] == 200)
+
+
+def test_routes_of_later_routers_are_logged_under_their_path_template(live):
+    for thing in ("a1", "b2"):
+        assert httpx.get(f"{live.url}/v1/things/{thing}", headers=AUTH).json() == {"id": thing}
+    assert len(logged(live, "/v1/things/{thing_id}")) == 2  # ids never become endpoint names
+    metrics = httpx.get(f"{live.url}/metrics", headers=AUTH).text
+    assert 'endpoint="/v1/things/{thing_id}"' in metrics and "/v1/things/a1" not in metrics
 
 
 # ----------------------------------------------------------------------------- key guessing

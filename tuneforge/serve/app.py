@@ -437,6 +437,21 @@ def _add_error_handlers(app: FastAPI) -> None:
                                          type="server_error", code="internal_error"))
 
 
+def _routed_endpoint(scope) -> str:
+    """After routing: the request's path with each path parameter put back as ``{name}``
+    (``/v1/fine_tuning/jobs/{job_id}``: ids never become metric labels); "other" when no
+    route served it."""
+    if scope.get("route") is None:
+        return "other"
+    parts = scope["path"].split("/")
+    for name, value in (scope.get("path_params") or {}).items():
+        for k in range(len(parts) - 1, -1, -1):
+            if parts[k] == str(value):
+                parts[k] = "{" + name + "}"
+                break
+    return "/".join(parts)
+
+
 class _Observe:
     """ASGI middleware: a :class:`RequestRecord` per HTTP request, closed (metrics, log) when
     the last byte has been sent or the request ended otherwise."""
@@ -444,14 +459,20 @@ class _Observe:
     def __init__(self, app, server: _Server) -> None:
         self.app, self.server = app, server
 
+    @staticmethod
+    def endpoint(scope) -> str:
+        """The endpoint a request is counted and logged under; other routers' paths are named
+        once routed (:func:`_routed_endpoint`)."""
+        path = scope["path"]
+        if path in ENDPOINTS:
+            return path
+        return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        endpoint = path if path in ENDPOINTS else (
-            "/v1/models/{id}" if path.startswith("/v1/models/") else "other")
-        record = RequestRecord(endpoint=endpoint)
+        record = RequestRecord(endpoint=self.endpoint(scope))
         scope.setdefault("state", {})["record"] = record
 
         async def observed_send(message) -> None:
@@ -469,4 +490,6 @@ class _Observe:
                 record.error_message = f"{type(err).__name__}: {err}"[:ERROR_MESSAGE_CHARS]
             raise
         finally:
+            if record.endpoint == "other":
+                record.endpoint = _routed_endpoint(scope)
             self.server.finish(record)
