@@ -139,17 +139,24 @@ def write_dpo_config(tmp_path, **pref) -> str:
                                {"beta": 0.5, **pref})
 
 
-def test_dpo_cli_end_to_end(tmp_path):
-    run = tmp_path / "run"
-    proc = tuneforge("train", write_dpo_config(tmp_path), "--set", f"output_dir={run}")
+def train_six_steps(cfg: str, run) -> dict:
+    """``tuneforge train`` of a :func:`write_recipe_config` config: validated at steps 3 and 6,
+    the best by val_reward_accuracy, the adapter saved; its summary."""
+    proc = tuneforge("train", cfg, "--set", f"output_dir={run}")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["recipe"] == "dpo" and summary["preference_loss"] == "dpo"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_reward_accuracy" in r]
     assert [r["step"] for r in evals] == [3, 6]
     assert summary["best_metric"] == max(r["val_reward_accuracy"] for r in evals)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    return summary
+
+
+def test_dpo_cli_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    summary = train_six_steps(write_dpo_config(tmp_path), run)
+    assert summary["recipe"] == "dpo" and summary["preference_loss"] == "dpo"
     assert json.loads((run / "adapter" / "tuneforge.json").read_text())["recipe"] == "dpo"
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from helpers import chat_records, write_jsonl, write_recipe_config
 from test_cli_train import tuneforge
-from test_dpo import lora_off_zero, naive_sequence_logps
+from test_dpo import lora_off_zero, naive_sequence_logps, train_six_steps
 
 from tuneforge.config import AdapterConfig, TrainConfig, load_config
 from tuneforge.data.formats import parse_examples
@@ -106,17 +105,9 @@ def write_kto_config(tmp_path, **kto) -> str:
 
 
 def test_kto_cli_end_to_end_and_bad_settings(tmp_path):
-    run = tmp_path / "run"
     cfg = write_kto_config(tmp_path)
-    proc = tuneforge("train", cfg, "--set", f"output_dir={run}")
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
+    summary = train_six_steps(cfg, tmp_path / "run")
     assert summary["recipe"] == "kto" and summary["reference"] == "cached"
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "val_reward_accuracy" in r]
-    assert [r["step"] for r in evals] == [3, 6]
-    assert summary["best_metric"] == max(r["val_reward_accuracy"] for r in evals)
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
     # preference pairs are not unpaired data: refused by file:line, no traceback
     write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])

@@ -52,6 +52,10 @@ def later_router() -> APIRouter:
     async def thing(thing_id: str) -> dict:
         return {"id": thing_id}
 
+    @router.get("/v1/files/{name:path}/content")
+    async def nested(name: str) -> dict:
+        return {"name": name}
+
     return router
 
 
@@ -166,6 +170,9 @@ def test_routes_of_later_routers_are_logged_under_their_path_template(live):
     for thing in ("a1", "b2"):
         assert httpx.get(f"{live.url}/v1/things/{thing}", headers=AUTH).json() == {"id": thing}
     assert len(logged(live, "/v1/things/{thing_id}")) == 2  # ids never become endpoint names
+    assert httpx.get(f"{live.url}/v1/files/runs/a/b/content", headers=AUTH).json() == {
+        "name": "runs/a/b"}
+    assert len(logged(live, "/v1/files/{name}/content")) == 1
     metrics = httpx.get(f"{live.url}/metrics", headers=AUTH).text
     assert 'endpoint="/v1/things/{thing_id}"' in metrics and "/v1/things/a1" not in metrics
 

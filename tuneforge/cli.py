@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_jobs(sub)  # jobs serve, jobs worker
 
+    from tuneforge.studio.cli import register as register_studio
+
+    register_studio(sub)  # the web studio
+
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -443,13 +443,13 @@ def _routed_endpoint(scope) -> str:
     route served it."""
     if scope.get("route") is None:
         return "other"
-    parts = scope["path"].split("/")
+    path = scope["path"]
     for name, value in (scope.get("path_params") or {}).items():
-        for k in range(len(parts) - 1, -1, -1):
-            if parts[k] == str(value):
-                parts[k] = "{" + name + "}"
-                break
-    return "/".join(parts)
+        segment = f"/{value}"  # a {name:path} value may hold several segments
+        at = path.rfind(segment)
+        if value != "" and at >= 0 and path[at + len(segment):][:1] in ("", "/"):
+            path = f"{path[:at]}/{{{name}}}{path[at + len(segment):]}"
+    return path
 
 
 class _Observe:
