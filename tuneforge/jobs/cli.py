@@ -14,8 +14,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tuneforge.errors import ConfigError
-
 
 def register(subparsers: Any) -> None:
     """Add the ``jobs`` command (``serve``, ``worker``) to the main CLI's subparsers."""
@@ -101,43 +99,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tuneforge.jobs.api import create_jobs_app
-    from tuneforge.serve.app import ServeSettings
-    from tuneforge.serve.auth import ENV_VAR, load_keys
-    from tuneforge.serve.cli import _graceful_server_class, _is_loopback, bind_socket
+    from tuneforge.serve.cli import bind_socket, keys_from_args, run_server, settings_from_args
     from tuneforge.serve.engine import load_served_models, parse_adapter_args
 
     store, jobs_dir = open_store(args)
-    settings = ServeSettings(
-        max_request_bytes=args.max_request_bytes, max_upload_bytes=args.max_upload_bytes,
-        max_tokens=args.max_tokens, max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, rate_limit=args.rate_limit,
-        rate_burst=args.rate_burst, auth_fail_limit=args.auth_fail_limit,
-        auth_fail_burst=args.auth_fail_burst, log_prompts=args.log_prompts,
-        request_log=None if args.no_request_log else (args.request_log
-                                                      or jobs_dir / "requests.jsonl"))
-    settings.check()
-    if args.no_auth and not _is_loopback(args.host):
-        raise ConfigError(f"--no-auth serves anyone who can reach {args.host}; it is allowed on "
-                          "a loopback host only (127.0.0.1, ::1, localhost)")
-    keys = None if args.no_auth else load_keys(args.api_keys)
-    if keys is not None and not len(keys):
-        raise ConfigError(f"no API keys: give --api-keys FILE or set ${ENV_VAR} (or --no-auth "
-                          "for a server on loopback only)")
+    settings = settings_from_args(args, request_log=args.request_log or jobs_dir / "requests.jsonl")
+    keys = keys_from_args(args)
     sock = bind_socket(args.host, args.port)
     models = load_served_models(args.model, parse_adapter_args(args.adapters),
                                 precision=args.precision, say=_say)
     app = create_jobs_app(models, store, jobs_dir, settings, keys, args.fine_tune_models)
-    sock.listen(2048)
-    host, port = sock.getsockname()[:2]
-    _say(f"serving {', '.join(models.ids)} and the jobs API on http://{host}:{port}/v1 (jobs "
-         f"in {store.url}); run `tuneforge jobs worker --jobs-dir {jobs_dir}"
-         f"{' --db URL' if args.db else ''}` to train them")
-    config = uvicorn.Config(app, log_level="info", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    _graceful_server_class()(config).run(sockets=[sock])
+    run_server(app, sock, args.shutdown_timeout, say=_say,
+               what=f"{', '.join(models.ids)} and the jobs API",
+               details=f"jobs in {store.url}; run `tuneforge jobs worker --jobs-dir {jobs_dir}"
+                       f"{' --db URL' if args.db else ''}` to train them")
     return 0
 
 

@@ -83,9 +83,25 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tuneforge.serve.app import ServeSettings
-    from tuneforge.serve.auth import ENV_VAR, load_keys
     from tuneforge.serve.engine import load_served_models, parse_adapter_args
+
+    settings = settings_from_args(args, request_log=_request_log_path(args))
+    adapters = parse_adapter_args(args.adapters)
+    keys = keys_from_args(args)
+    sock = bind_socket(args.host, args.port)  # before the slow model load: fail fast on a busy port
+    models = load_served_models(args.model, adapters, precision=args.precision, say=_say)
+    from tuneforge.serve.app import create_app
+
+    app = create_app(models, settings, keys)
+    run_server(app, sock, args.shutdown_timeout, say=_say, what=", ".join(models.ids),
+               details=f"auth {'off' if keys is None else f'on, {len(keys)} keys'}, request "
+                       f"log {settings.request_log or 'off'}")
+    return 0
+
+
+def settings_from_args(args: argparse.Namespace, request_log: Path | None):
+    """The ServeSettings of ``serve``'s flags (also ``jobs serve``'s), checked."""
+    from tuneforge.serve.app import ServeSettings
 
     settings = ServeSettings(
         max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens,
@@ -93,45 +109,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, rate_limit=args.rate_limit, rate_burst=args.rate_burst,
         auth_fail_limit=args.auth_fail_limit, auth_fail_burst=args.auth_fail_burst,
         max_upload_bytes=args.max_upload_bytes,
-        request_log=None if args.no_request_log else _request_log_path(args),
+        request_log=None if args.no_request_log else request_log,
         log_prompts=args.log_prompts,
     )
     settings.check()
-    adapters = parse_adapter_args(args.adapters)
-    if args.no_auth:
-        if not _is_loopback(args.host):
-            raise ConfigError(f"--no-auth serves anyone who can reach {args.host}; it is "
-                              "allowed on a loopback host only (127.0.0.1, ::1, localhost)")
-        keys = None
-    else:
-        keys = load_keys(args.api_keys)
-        if not len(keys):
+    return settings
+
+
+def keys_from_args(args: argparse.Namespace, *, no_auth_on_loopback: bool = False):
+    """The API keys of ``--api-keys`` / $TUNEFORGE_API_KEYS, or None (no authentication):
+    with ``--no-auth``, or with no keys at all when ``no_auth_on_loopback`` (the studio).
+    Either way only on a loopback host: anything else is a ConfigError."""
+    from tuneforge.serve.auth import ENV_VAR, load_keys
+
+    keys = None if getattr(args, "no_auth", False) else load_keys(args.api_keys)
+    if keys is not None and not len(keys):
+        if not no_auth_on_loopback:
             raise ConfigError(f"no API keys: give --api-keys FILE or set ${ENV_VAR} "
                               "(or --no-auth for a server on loopback only)")
-    sock = bind_socket(args.host, args.port)  # before the slow model load: fail fast on a busy port
-    models = load_served_models(args.model, adapters, precision=args.precision, say=_say)
-    _run(models, settings, keys, sock, args)
-    return 0
+        keys = None
+    if keys is None and not is_loopback(args.host):
+        raise ConfigError(f"without API keys --host {args.host} would serve anyone who can "
+                          f"reach it: give --api-keys FILE (or set ${ENV_VAR}); without keys it is "
+                          "allowed on a loopback host only (127.0.0.1, ::1, localhost)")
+    return keys
 
 
-def _run(models, settings, keys, sock: socket.socket, args) -> None:
+def run_server(app, sock: socket.socket, shutdown_timeout: float, *, say, what: str,
+               details: str, path: str = "/v1", log_level: str = "info") -> None:
+    """Listen on ``sock``, say where, and serve ``app`` until SIGINT/SIGTERM, letting in-flight
+    requests finish (at most ``shutdown_timeout`` seconds)."""
     import uvicorn
 
-    from tuneforge.serve.app import create_app
-
-    app = create_app(models, settings, keys)
     # Listen before saying where: a client that connects at once waits in the backlog until
     # uvicorn accepts, instead of being refused while uvicorn starts up.
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    _say(f"serving {', '.join(models.ids)} on http://{shown}:{port}/v1 "
-         f"(auth {'off' if keys is None else f'on, {len(keys)} keys'}, request log "
-         f"{settings.request_log or 'off'}); Ctrl-C stops after in-flight requests finish")
-    config = uvicorn.Config(app, log_level="info", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+    say(f"serving {what} on http://{shown}:{port}{path} ({details}); Ctrl-C stops after "
+        "in-flight requests finish")
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=shutdown_timeout)
     _graceful_server_class()(config).run(sockets=[sock])
-    _say("stopped")
+    say("stopped")
 
 
 def _graceful_server_class():
@@ -170,7 +190,7 @@ def _request_log_path(args) -> Path:
     return Path("requests.jsonl")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

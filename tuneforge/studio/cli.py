@@ -14,8 +14,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tuneforge.errors import ConfigError
-
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
 
@@ -52,22 +50,13 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_studio(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tuneforge.jobs.cli import open_store
     from tuneforge.serve.app import ServeSettings
-    from tuneforge.serve.auth import ENV_VAR, load_keys
-    from tuneforge.serve.cli import _graceful_server_class, _is_loopback, _say, bind_socket
+    from tuneforge.serve.cli import bind_socket, keys_from_args, run_server
     from tuneforge.serve.engine import load_served_models
     from tuneforge.studio.app import create_studio_app
 
-    keys = load_keys(args.api_keys)
-    if not len(keys):
-        if not _is_loopback(args.host):
-            raise ConfigError(f"--host {args.host} lets other machines in: give --api-keys FILE "
-                              f"(or set ${ENV_VAR}); without keys the studio binds a loopback "
-                              "address only (127.0.0.1, ::1, localhost)")
-        keys = None
+    keys = keys_from_args(args, no_auth_on_loopback=True)
     settings = ServeSettings(max_tokens=args.max_tokens, request_log=None)
     settings.check()
     store, jobs_dir = open_store(args)
@@ -78,15 +67,11 @@ def cmd_studio(args: argparse.Namespace) -> int:
                             base_models=args.fine_tune_models, feedback_db=args.feedback_db)
     worker = _start_worker(store, jobs_dir) if args.worker else None
     app.state.studio.worker = worker
-    sock.listen(2048)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    _say(f"studio on http://{shown}:{port}/studio (runs {runs_dir}, jobs {jobs_dir}, "
-         f"keys {'off' if keys is None else len(keys)}, worker {'on' if worker else 'off'})")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=10)
     try:
-        _graceful_server_class()(config).run(sockets=[sock])
+        run_server(app, sock, 10, say=_say, what="the studio", path="/studio",
+                   details=f"runs {runs_dir}, jobs {jobs_dir}, keys "
+                           f"{'off' if keys is None else len(keys)}, worker "
+                           f"{'on' if worker else 'off'}", log_level="warning")
     finally:
         if worker is not None:
             worker.stop_event.set()  # a running job goes back to the queue, checkpoints kept
@@ -99,3 +84,9 @@ def _start_worker(store, jobs_dir: Path):
     worker = Worker(store, jobs_dir, WorkerSettings())
     threading.Thread(target=worker.run, name="studio-worker", daemon=True).start()
     return worker
+
+
+def _say(message: str) -> None:
+    import sys
+
+    print(f"tuneforge studio: {message}", file=sys.stderr, flush=True)
