@@ -295,3 +295,18 @@ def test_cli_with_model(
     assert code == 2
     assert f"{path}:2: messages: 6 tokens after the chat template; the limit is 4" in out
     assert "105 parameters" in out and "ESTIMATE" in out
+
+
+def test_prompt_files_for_rollouts_are_their_own_format(tmp_path: Path) -> None:
+    """A file of prompts alone (with reward columns) is the `prompt` format: checked as such,
+    its bad records named by line, never "cannot tell the format"."""
+    good = write_jsonl(tmp_path / "prompts.jsonl",
+                       {"prompt": "What is 2 + 3?", "answer": 5},
+                       {"prompt": [{"role": "user", "content": "What is 4 + 4?"}], "answer": 8})
+    report = check_data(good, tokenizer=FakeTokenizer())
+    assert report.ok and not report.warnings, report.render()
+    assert report.stats["files"][0]["format"] == "prompt"
+    bad = write_jsonl(tmp_path / "bad.jsonl", {"prompt": "fine"},
+                      {"prompt": [{"role": "assistant", "content": "no question"}]})
+    errors = check_data(bad).errors
+    assert [(e.line, e.field) for e in errors] == [(2, "prompt[0].role")]

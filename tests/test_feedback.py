@@ -395,7 +395,7 @@ def test_exports_from_choices(tmp_path: Path) -> None:
     store.choose(store.next_prompt(session, "ann").id, second[0], "ann")
     [pair] = export_and_load(store, tmp_path, "pairs")  # identical texts make no pair
     assert (pair.responses[0][0].content, pair.responses[1][0].content) == ("b", "a")
-    [ranking, _] = export_and_load(store, tmp_path, "ranking")
+    [ranking] = export_and_load(store, tmp_path, "ranking")  # "same" > "same" ranks nothing
     assert [r[0].content for r in ranking.responses] == ["b", "a"]
     assert len(export_and_load(store, tmp_path, "unpaired")) == 4
     other = store.start_session("other", "choose", "m", 2)

@@ -73,6 +73,7 @@ TEXT_KEYS: dict[str, tuple[str, ...]] = {
     "ranking": ("prompt", "responses"),
     "rating": ("prompt", "response"),
     "unpaired": ("prompt", "completion"),
+    "prompt": ("prompt", "messages"),
 }
 
 

@@ -35,6 +35,7 @@ FORMATS: tuple[str, ...] = (
     "ranking",
     "rating",
     "unpaired",
+    "prompt",
 )
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 MAX_LISTED = 50
@@ -138,11 +139,15 @@ def detect_format(record: dict) -> str | None:
         return "classification"
     if "completion" in keys:
         return "prompt_completion"
+    if "prompt" in keys:
+        return "prompt"  # a prompt alone: PPO/GRPO rollouts, feedback collection, synth
     return None
 
 
 def _majority_format(records: list[tuple[int, dict]]) -> str | None:
     counts = Counter(f for f in (detect_format(r) for _, r in records) if f is not None)
+    if len(counts) > 1:
+        counts.pop("prompt", None)  # records missing their response, not a file of prompts
     return counts.most_common(1)[0][0] if counts else None
 
 
@@ -334,17 +339,7 @@ def load_prompts(path: str | Path) -> list[Example]:
     ``answer`` of an arithmetic problem. Examples have ``format == "prompt"`` and only
     ``prompt_messages``. Raises one DataError listing every problem.
     """
-    source = str(path)
-    rows = read_records(path)
-    problems = [] if rows else [Problem(source, None, "", "no records: the file is empty")]
-    examples = []
-    for line, record in rows:
-        if isinstance(record, Exception):
-            problems.append(_read_problem(source, line, record))
-            continue
-        example = _prompt_only(record, _Context(source, line, problems))
-        if example is not None:
-            examples.append(example)
+    examples, problems = parse_examples(path, "prompt")
     _raise_errors(path, problems)
     return examples
 
@@ -410,7 +405,9 @@ def _normalise(
     if file_format is None:
         ctx.error("record", f"cannot tell the format from its keys ({keys}); expected {_KEYS_HINT}")
         return None
-    if detected is not None and detected != file_format:
+    # a lone prompt is a weak sign: in a file of another format it is that record's missing key;
+    # and a file of prompts takes a chat's turns up to its last user message as a prompt
+    if detected not in (None, file_format, "prompt") and file_format != "prompt":
         why = "the format asked for is" if explicit else "the rest of the file is"
         ctx.error(
             "record",
@@ -871,4 +868,5 @@ _NORMALISERS: dict[str, Callable[[dict, _Context], Example | None]] = {
     "ranking": _ranking,
     "rating": _rating,
     "unpaired": _unpaired,
+    "prompt": _prompt_only,
 }

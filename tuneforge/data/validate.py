@@ -390,7 +390,10 @@ RESPONSE_NAMES = {
 
 
 def templated_sequences(example: Example) -> list[tuple[str, Example]]:
-    """What training tokenises: the example, or the prompt with each response in turn."""
+    """What training tokenises: the example, or the prompt with each response in turn (a
+    prompt alone, for rollouts, is not tokenised as a training sequence)."""
+    if example.kind == "prompt":
+        return []
     if example.responses is None:
         return [("messages" if example.messages is not None else "completion", example)]
     names = RESPONSE_NAMES.get(example.format, [])

@@ -175,22 +175,43 @@ def _pairs(group: _Group, result: ExportResult, *_: int) -> Iterator[tuple[str, 
             yield kind, record
 
 
+def _distinct(texts: list[str], result: ExportResult,
+              scores: list[float] | None = None) -> tuple[list[str], list[float] | None] | None:
+    """A ranking without repeated responses (after collapsing whitespace, as `data check`
+    compares them): each text at its best place; None (counted) when fewer than two are left."""
+    seen: set[str] = set()
+    keep = []
+    for i, text in enumerate(texts):
+        key = " ".join(text.split())
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) < 2:
+        result.dropped["rankings of identical responses"] += 1
+        return None
+    return [texts[i] for i in keep], None if scores is None else [scores[i] for i in keep]
+
+
 def _ranking(group: _Group, result: ExportResult, *_: int) -> Iterator[tuple[str, dict]]:
     prompt = _prompt_field(group.first.prompt.messages)
     if ranking := group.one("ranking"):
         if (texts := _texts(group, ranking.value, result)) is not None:
-            yield "ranking", {"prompt": prompt, "responses": texts}
+            if (kept := _distinct(texts, result)) is not None:
+                yield "ranking", {"prompt": prompt, "responses": kept[0]}
     choice = group.one("choice")
     if choice and len(choice.candidates) == 2:
         if (texts := _texts(group, _choice_order(choice), result)) is not None:
-            yield "choice", {"prompt": prompt, "responses": texts}
+            if (kept := _distinct(texts, result)) is not None:
+                yield "choice", {"prompt": prompt, "responses": kept[0]}
     ratings = group.ratings()
     if len(ratings) >= 2:
         if len(set(ratings.values())) == 1:
             result.dropped["sets of equal ratings"] += 1
         elif (texts := _texts(group, list(ratings), result)) is not None:
-            scores = list(ratings.values())
-            yield "rating", {"prompt": prompt, "responses": texts, "scores": scores}
+            order = sorted(range(len(texts)), key=lambda i: -list(ratings.values())[i])
+            scores = [list(ratings.values())[i] for i in order]
+            if (kept := _distinct([texts[i] for i in order], result, scores)) is not None:
+                yield "rating", {"prompt": prompt, "responses": kept[0], "scores": kept[1]}
 
 
 def _rating(group: _Group, result: ExportResult, *_: int) -> Iterator[tuple[str, dict]]:
