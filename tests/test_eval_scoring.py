@@ -1,0 +1,190 @@
+"""Packed label scoring: the same scores as the plain one-prompt-at-a-time reference.
+
+The packed scorer puts several prompts and every candidate of each into one row, with the
+candidates as branches of a token tree; these tests hold it to the reference path
+(:func:`score_continuations`) in fp32 on prompts of every shape evaluation builds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.eval.classify import (
+    LabelTree,
+    SharedPrefix,
+    candidate_ids,
+    classify,
+    pack_label_rows,
+    score_continuations,
+    score_packed,
+)
+from tuneforge.models.attention import packed_attention
+from tuneforge.models.loading import load_model
+
+SYSTEM = {"role": "system", "content": "Route the ticket: Billing, Bill Pay, Sales or Returns. " * 2}
+SHOTS = [{"role": "user", "content": "refund please"}, {"role": "assistant", "content": "Returns"},
+         {"role": "user", "content": "my invoice is wrong"}, {"role": "assistant", "content": "Billing"}]
+# different lengths, one a prefix of another ("Bill" / "Billing" / "Bill Pay"), with and without
+# a closing suffix, so that the tree has shared starts, inner candidate ends and lone branches
+LABELS = ["Billing\n", "Bill", "Bill Pay\n", "Sales\n", "Returns<|im_end|>", "B"]
+
+
+def chat_prompts(few_shot: bool) -> list[list[dict]]:
+    turns = [SYSTEM, *SHOTS] if few_shot else [SYSTEM]
+    return [[*turns, {"role": "user", "content": f"ticket {i}: " + "card charged twice " * (i % 4)}]
+            for i in range(7)]
+
+
+RAW_PROMPTS = [f"Ticket: parcel {i} late{'!' * i}\nTeam:" for i in range(5)]
+
+
+def tokenised(tok, prompts, candidates):
+    pairs = [candidate_ids(tok, p, candidates) for p in prompts]
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
+
+def reference(model, ids, conts) -> list[list[float]]:
+    return [score_continuations(model, p, c, bf16=False) for p, c in zip(ids, conts)]
+
+
+def assert_close(got, want, tol=1e-4):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g == [pytest.approx(x, abs=tol) for x in w]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = load_model("tiny:llama")
+    return model.eval(), tok
+
+
+def test_label_tree_runs_shared_starts_once_and_scores_every_path():
+    tree = LabelTree.of([[5, 6, 7], [5, 6], [5, 8], [9], [5, 6, 7, 1]])
+    # inner nodes: 5, 5>6, 5>6>7 (each has a successor); 8, 9 and 1 are last tokens only
+    assert tree.tokens == [5, 6, 7] and tree.parents == [-1, 0, 1] and tree.depths == [0, 1, 2]
+    assert tree.targets == [(-1, 5), (0, 6), (1, 7), (0, 8), (-1, 9), (2, 1)]
+    assert tree.paths == [[0, 1, 2], [0, 1], [0, 3], [4], [0, 1, 2, 5]]
+    mask = tree.mask(prompt=2, prefix=1)
+    assert mask.tolist() == [
+        # prefix, prompt (2), then the inner nodes 5, 6, 7
+        [True, True, False, False, False, False],
+        [True, True, True, False, False, False],
+        [True, True, True, True, False, False],
+        [True, True, True, True, True, False],
+        [True, True, True, True, True, True],
+    ]
+    siblings = LabelTree.of([[1, 2, 3], [4, 5, 6]]).mask(prompt=1)
+    # inner nodes 1, 1>2, 4, 4>5: a branch sees its own ancestors, never the other branch
+    assert siblings[1:, 1:].tolist() == [[True, False, False, False], [True, True, False, False],
+                                         [False, False, True, False], [False, False, True, True]]
+    assert siblings[:, :1].all()
+
+
+@pytest.mark.parametrize("few_shot", [False, True])
+def test_packed_scores_equal_the_reference_on_chat_prompts(tiny, few_shot):
+    model, tok = tiny
+    ids, conts = tokenised(tok, chat_prompts(few_shot), LABELS)
+    want = reference(model, ids, conts)
+    shared = SharedPrefix.of(model, ids, bf16=False)
+    assert shared is not None and len(shared.ids) > (100 if few_shot else 30)
+    for prefix in (None, shared):
+        for group_tokens in (1, 60, 100_000):  # a prompt per row, a few per row, all in one
+            with packed_attention(model) as switched:
+                assert switched
+                assert_close(score_packed(model, ids, conts, bf16=False, shared=prefix,
+                                          group_tokens=group_tokens), want)
+        # under plain SDPA the row's explicit mask gives the same scores
+        assert_close(score_packed(model, ids, conts, bf16=False, shared=prefix), want)
+
+
+def test_packed_scores_equal_the_reference_on_raw_prompts(tiny):
+    model, tok = tiny
+    ids, conts = tokenised(tok, RAW_PROMPTS, [" shipping<|im_end|>", " ship<|im_end|>", " billing"])
+    want = reference(model, ids, conts)
+    with packed_attention(model):
+        assert_close(score_packed(model, ids, conts, bf16=False, group_tokens=40), want)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_packed_scores_equal_the_reference_on_other_architectures(arch):
+    model, tok = load_model(f"tiny:{arch}")
+    model.eval()
+    ids, conts = tokenised(tok, chat_prompts(True)[:4], LABELS)
+    shared = SharedPrefix.of(model, ids, bf16=False)
+    with packed_attention(model):
+        got = score_packed(model, ids, conts, bf16=False, shared=shared, group_tokens=200)
+    assert_close(got, reference(model, ids, conts))
+
+
+def test_packed_scores_of_a_lora_model_equal_the_reference():
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load_model("tiny:llama")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)  # random B: the adapter changes the scores
+    peft_model = get_peft_model(model, config).eval()
+    ids, conts = tokenised(tok, chat_prompts(False)[:4], LABELS)
+    want = reference(peft_model, ids, conts)
+    with peft_model.disable_adapter():
+        base = reference(peft_model, ids, conts)
+    assert abs(want[0][0] - base[0][0]) > 1e-3
+    with packed_attention(peft_model):
+        assert_close(score_packed(peft_model, ids, conts, bf16=False), want)
+
+
+def test_rows_hold_whole_prompts_and_never_mix_prefixed_with_unprefixed(tiny):
+    model, tok = tiny
+    prompts = [*chat_prompts(True)[:3], [{"role": "user", "content": "no system here"}]]
+    ids, conts = tokenised(tok, prompts, LABELS)
+    shared = SharedPrefix.of(model, ids[:3], bf16=False)  # the last prompt does not start with it
+    rows = pack_label_rows(ids, conts, shared, group_tokens=100_000)
+    assert [r.layout.prefix for r in rows] == [len(shared.ids), 0]
+    assert [len(r.trees) for r in rows] == [3, 1]
+    assert sum(len(r.ids) for r in rows) == sum(r.layout.lengths[i] for r in rows
+                                                for i in range(len(r.trees)))
+    with packed_attention(model):
+        got = score_packed(model, ids, conts, bf16=False, shared=shared)
+    assert_close(got, reference(model, ids, conts))
+
+
+def test_classify_packed_gives_the_reference_predictions_and_metrics(tiny):
+    model, tok = tiny
+    model.train()
+    prompts = chat_prompts(True) + chat_prompts(False)
+    labels = ["Billing", "Bill", "Sales", "Returns"]
+    gold = [labels[i % 4] for i in range(len(prompts))]
+    seen = []
+    fast = classify(model, tok, prompts, gold, labels, suffix="\n", bf16=False, progress=seen.append)
+    plain = classify(model, tok, prompts, gold, labels, suffix="\n", bf16=False, packed=False)
+    assert fast.predicted == plain.predicted and fast.metrics() == plain.metrics()
+    assert seen[-1] == len(prompts) and seen == sorted(seen)
+    assert model.training  # restored
+    assert model.config._attn_implementation == "sdpa"  # the packed attention was switched back
+
+
+@pytest.mark.builtin
+def test_builtin_model_accuracy_is_the_reference_accuracy():
+    """On a slice of the support test set, zero-shot and 3-shot, in fp32."""
+    from tuneforge.config import TaskConfig
+    from tuneforge.data.templates import prompt_and_reference
+    from tuneforge.eval.fewshot import pick_shots, with_shots
+    from tuneforge.eval.tasks import gold_label, load_task_examples, resolve_task
+
+    torch.manual_seed(0)
+    model, tok = load_model("builtin:smollm2-135m-instruct")
+    data = "examples/data/support"
+    test = load_task_examples(f"{data}/test.jsonl", None)[:24]
+    train = load_task_examples(f"{data}/train.jsonl", None)
+    spec = resolve_task(TaskConfig(name="support", type="classification",
+                                   labels=f"{data}/labels.json"), test, train, tok)
+    gold = [gold_label(ex, spec) for ex in test]
+    for k in (0, 3):
+        shots = pick_shots(train, k, label_of=lambda ex: gold_label(ex, spec))
+        prompts = [with_shots(prompt_and_reference(ex)[0], shots) for ex in test]
+        args = (model, tok, prompts, gold, spec.labels)
+        fast = classify(*args, prefix=spec.prefix, suffix=spec.suffix, bf16=False)
+        plain = classify(*args, prefix=spec.prefix, suffix=spec.suffix, bf16=False, packed=False)
+        assert round(fast.accuracy, 3) == round(plain.accuracy, 3)
+        assert fast.predicted == plain.predicted
