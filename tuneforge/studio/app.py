@@ -345,29 +345,33 @@ def studio_router() -> APIRouter:
         rows, _ = ctx.store.list_files(viewer(request), limit=200)
         return html("Data", pages.data_page(rows), scripts=("studio.js", "data.js"))
 
-    @router.get("/studio/data/{file_id}")
-    async def data_check(file_id: str, request: Request):
+    async def uploaded(request: Request, file_id: str, title: str, build):
+        """``build(ctx, row)`` in a worker thread for one of the viewer's uploads: its result,
+        or the response to send instead (404 for another's or no file, 422 for bad data)."""
         ctx = _studio(request)
         row = ctx.store.get_file(file_id, viewer(request))
         if row is None:
-            return not_found(f"No uploaded file {file_id!r}")
+            return None, not_found(f"No uploaded file {file_id!r}")
         try:
-            report = await run_in_threadpool(_check_upload, ctx, row)
+            return (row, await run_in_threadpool(build, ctx, row)), None
         except TuneforgeError as err:
-            return html(f"Data: {row['filename']}", pages.error_body(str(err)), status=422)
+            return None, html(f"{title}: {row['filename']}", pages.error_body(str(err)),
+                              status=422)
+
+    @router.get("/studio/data/{file_id}")
+    async def data_check(file_id: str, request: Request):
+        done, answer = await uploaded(request, file_id, "Data", _check_upload)
+        if answer is not None:
+            return answer
+        row, report = done
         return html(f"Data: {row['filename']}", pages.check_page(row, report))
 
     @router.get("/studio/data/{file_id}/report")
     async def data_report(file_id: str, request: Request):
-        ctx = _studio(request)
-        row = ctx.store.get_file(file_id, viewer(request))
-        if row is None:
-            return not_found(f"No uploaded file {file_id!r}")
-        try:
-            path = await run_in_threadpool(_quality_report, ctx, row)
-        except TuneforgeError as err:
-            return html(f"Data report: {row['filename']}", pages.error_body(str(err)),
-                        status=422)
+        done, answer = await uploaded(request, file_id, "Data report", _quality_report)
+        if answer is not None:
+            return answer
+        _, path = done
         return FileResponse(path, media_type="text/html",
                             headers={"Content-Security-Policy": "sandbox"})
 

@@ -39,6 +39,11 @@ class Roots:
     def resolve(self, ident: str) -> Path | None:
         """The folder named by ``ident`` (``ROOT/REL/PATH``), or None if it names nothing
         inside a root (``..`` and links out of the root included)."""
+        path = self._inside(ident)
+        return path if path is not None and path.is_dir() else None
+
+    def _inside(self, ident: str) -> Path | None:
+        """``ROOT/REL/PATH`` as a resolved path inside its root, or None."""
         root_name, _, rel = ident.partition("/")
         root = self.folders.get(root_name)
         if root is None or not rel:
@@ -49,19 +54,12 @@ class Roots:
             path.relative_to(base)
         except (ValueError, OSError):
             return None
-        return path if path.is_dir() else None
+        return path
 
     def file(self, ident: str) -> Path | None:
         """A servable file ``ROOT/REL/PATH/NAME`` inside a root, or None."""
-        root_name, _, rel = ident.partition("/")
-        root = self.folders.get(root_name)
-        if root is None or not rel:
-            return None
-        base = root.resolve()
-        try:
-            path = (base / rel).resolve()
-            path.relative_to(base)
-        except (ValueError, OSError):
+        path = self._inside(ident)
+        if path is None:
             return None
         if path.suffix.lower() not in SHOWN_FILES or not path.is_file():
             return None
