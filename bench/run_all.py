@@ -1,6 +1,6 @@
 """Every benchmark, one after the other, then one combined table (``make bench`` runs this).
 
-    python -m bench.run_all                       # sft lora, sft full, dpo, generate, serve
+    python -m bench.run_all                       # sft lora, sft full, dpo, generate, serve, rl, eval
     python -m bench.run_all --steps 3 --warmup 1  # a quick smoke run of the same
 
 The matmul peak is measured once and handed to every benchmark (``--peak-file``). Each benchmark
@@ -34,6 +34,7 @@ from bench.common import (
 COMBINED: list[Column] = [
     ("bench", "bench", ""),
     ("contender", "contender", ""),
+    ("clients", "clients", "d"),  # bench/serve_load.py: concurrent clients
     ("tokens_per_s", "tok/s", ".1f"),
     ("pairs_per_s", "pairs/s", ".2f"),  # bench/dpo.py
     ("trained_tokens_per_s", "trained tok/s", ".1f"),
@@ -45,6 +46,10 @@ COMBINED: list[Column] = [
     ("vs_trl_default", "x trl-default", ".2f"),
     ("vs_trl_fast", "x trl-fast", ".2f"),
     ("speedup", "x baseline", ".2f"),  # bench/generate.py: tok/s over model.generate one at a time
+    ("examples_per_s", "ex/s", ".1f"),  # bench/eval.py (its speedup: over one prompt at a time)
+    ("vs_forward", "x forward", ".2f"),  # bench/eval.py: tok/s over a plain forward of the same tokens
+    ("vs_llama_cpp", "x llama.cpp", ".2f"),  # bench/serve_load.py: tok/s over llama.cpp's server
+    ("vs_serve", "x serve", ".2f"),  # bench/rl.py: rollout tok/s over the serve engine's
 ]
 
 
@@ -63,8 +68,12 @@ def benches(args, peak_file: Path | None) -> list[tuple[str, list[str]]]:
     out.append(("dpo", ["-m", "bench.dpo", *dpo_args]))
     if (ROOT / "bench" / "generate.py").is_file():  # its own defaults; writes runs/bench/generate-*.json
         out.append(("generate", ["-m", "bench.generate"]))
-    # its own defaults; writes runs/bench/serve-*.json (rows with tokens_per_s and speedup)
+    # its own defaults (tuneforge and llama.cpp at 1, 8, 16 clients); runs/bench/serve-*.json
     out.append(("serve", ["-m", "bench.serve_load"]))
+    # a GRPO and a PPO step split into generation, scoring, update; runs/bench/rl-*.json
+    out.append(("rl", ["-m", "bench.rl", "--recipes", "grpo,ppo"]))
+    # its own defaults (120 support tickets, 0 and 3 shots); writes runs/bench/eval-*.json
+    out.append(("eval", ["-m", "bench.eval"]))
     if args.only:
         wanted = set(args.only.split(","))
         out = [b for b in out if b[0] in wanted]
@@ -77,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--contenders", default=None, help="for the sft benchmarks (default: theirs)")
-    p.add_argument("--only", default=None, help="comma-separated: sft-lora, sft-full, dpo, generate, serve")
+    p.add_argument("--only", default=None, help="comma-separated: sft-lora, sft-full, dpo, generate, serve, rl, eval")
     p.add_argument("--peak-sizes", default="2048,4096", help="'none' to skip the matmul peak")
     args = p.parse_args(argv)
 

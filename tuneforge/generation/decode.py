@@ -1,5 +1,8 @@
-"""Decoding: `tuneforge generate` / `chat` (:func:`generate_reply`), batched rollouts
-(:func:`generate_batch`) and serving (:func:`generate_rows`).
+"""Decoding: `tuneforge generate` / `chat` (:func:`generate_reply`), batched generation
+(:func:`generate_batch`, evaluation) and one batch of token-id prompts with per-row settings
+(:func:`generate_rows`). Serving and rollouts run on the continuous-batching engine of
+:mod:`tuneforge.generation.engine`, which shares this module's sampler and caches and gives the
+same tokens.
 
 :func:`generate_batch` renders each conversation with the chat template, sorts the prompts by
 length, and for each batch left-pads, prefills once and decodes step by step with a KV cache
@@ -189,7 +192,9 @@ def generate_rows(
     """One batch of token-id prompts, each with its own :class:`RowSettings`, on a model from
     :func:`inference_model` (in eval mode): [(new token ids, finish reason)] in input order.
 
-    The server's entry point: rows stop at ``stop_token_ids``, at their own ``max_new_tokens``,
+    The whole batch runs until its longest row is done (the server uses
+    :class:`~tuneforge.generation.engine.DecodeEngine` instead, where rows join and leave at
+    every step, with the same tokens): rows stop at ``stop_token_ids``, at their own ``max_new_tokens``,
     or when ``on_token`` says so (finish reason ``"stop"``). Greedy rows give the same tokens
     whatever else shares the batch (in fp32).
     """
@@ -277,6 +282,11 @@ def _generate_rows(model, prompts, settings, *, stop_ids, pad_id, compile, cache
     return [(out[r], reasons[r]) for r in range(batch)]
 
 
+def row_generator(settings: RowSettings, device: torch.device) -> torch.Generator:
+    """The random stream of a sampled row: seeded by its ``seed`` and ``stream`` alone."""
+    return torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + settings.stream)
+
+
 class _Sampler:
     """Next token per row from the last position's logits: greedy rows take the argmax,
     sampled rows draw from their own random stream (:class:`RowSettings`)."""
@@ -287,35 +297,46 @@ class _Sampler:
         # tail whose cumulative sum rounds to 1.
         self.top_p = torch.tensor([s.top_p if s.top_p < 1.0 else float("inf")
                                    for s in settings], device=device)
-        self.generators = {
-            r: torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + s.stream)
-            for r, s in enumerate(settings) if s.temperature > 0
-        }
+        self.generators = {r: row_generator(s, device)
+                           for r, s in enumerate(settings) if s.temperature > 0}
 
     def pick(self, logits: torch.Tensor, running: list[int]) -> torch.Tensor:
         """(rows,) token ids for ``logits`` (rows, vocab) of the ``running`` original rows."""
-        logits = logits.float()
-        tokens = logits.argmax(-1)
         sampled = [j for j, row in enumerate(running) if row in self.generators]
-        if not sampled:
-            return tokens
-        rows = torch.tensor([running[j] for j in sampled], device=logits.device)
-        where = torch.tensor(sampled, device=logits.device)
-        chosen = logits.index_select(0, where) / self.temperature[rows, None]
-        top_p = self.top_p[rows, None]
-        if bool((top_p < 1.0).any()):
-            sorted_logits, sorted_idx = chosen.sort(-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
-            sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
-            chosen = torch.full_like(chosen, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-        probs = chosen.softmax(-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; one stream per row.
-        noise = torch.empty_like(probs)
-        for k, j in enumerate(sampled):
-            noise[k].exponential_(generator=self.generators[running[j]])
-        tokens[where] = (probs / noise).argmax(-1)
+        rows = [running[j] for j in sampled]
+        return next_tokens(logits, sampled, self.temperature[rows], self.top_p[rows],
+                           [self.generators[r] for r in rows])
+
+
+def next_tokens(logits: torch.Tensor, sampled: list[int], temperature: torch.Tensor,
+                top_p: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """(rows,) next token ids from ``logits`` (rows, vocab): the argmax, except at the places
+    ``sampled``, which draw from ``softmax(logits / temperature)`` cut to the ``top_p`` nucleus
+    (``inf``: no cut), each with its own generator (one per sampled place, in order).
+
+    A sampled row's draw uses its generator alone, so it does not depend on the rows beside it
+    (the serving engine and :func:`generate_batch` share this: the same seed, the same tokens).
+    """
+    logits = logits.float()
+    tokens = logits.argmax(-1)
+    if not sampled:
         return tokens
+    where = torch.tensor(sampled, device=logits.device)
+    chosen = logits.index_select(0, where) / temperature[:, None]
+    top_p = top_p[:, None]
+    if bool((top_p < 1.0).any()):
+        sorted_logits, sorted_idx = chosen.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        chosen = torch.full_like(chosen, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = chosen.softmax(-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; one stream per row.
+    noise = torch.empty_like(probs)
+    for k, generator in enumerate(generators):
+        noise[k].exponential_(generator=generator)
+    tokens[where] = (probs / noise).argmax(-1)
+    return tokens
 
 
 class _Stepper:

@@ -1,18 +1,21 @@
-"""Dynamic batching: requests that arrive while the model is busy (or within a few
-milliseconds of each other) are generated together as one batch.
+"""Continuous batching: a request joins the running batch at the next decode step and leaves it
+as soon as it is done.
 
 The HTTP handlers run on the event loop and :meth:`Batcher.submit` jobs (one per choice of a
-request); a single worker thread owns the model. It waits for work, lingers ``batch_wait_s`` for
-company when it is not already full, takes the oldest job's model id and up to
-``max_batch_size`` queued jobs for that id (a batch never mixes adapters), and runs them through
-:func:`tuneforge.generation.generate_rows`, where each row keeps its own max_tokens, temperature,
-top_p and seed. Jobs for other ids wait for the next batch, oldest first. A batch runs until its
-longest row is done; rows that finish early leave the batch (their requests are answered at the
-end of the batch, their streams as they go).
+request); a single worker thread owns the model. It keeps one
+:class:`~tuneforge.generation.engine.DecodeEngine` per model id (a batch never mixes adapters)
+and moves queued jobs into their model's engine while it has room (``max_batch_size`` rows),
+oldest first. Each turn it steps the engines that have rows, one model id at a time with its
+adapter active: an engine prefills its newcomers, runs one decode step over all its rows (each
+with its own max_tokens, temperature, top_p and seed) and hands back the rows that finished,
+whose requests are answered at once. With several model ids busy the worker switches between
+them every ``turn_steps`` steps. When everything is idle, the first job waits ``batch_wait_s``
+for company, so that requests arriving together share their prefill.
 
 Each job reports back to the event loop through ``loop.call_soon_threadsafe``: text deltas (when
 it streams), then one ``done`` (or ``error``) event. Greedy rows give the same tokens whatever
 else shares the batch (fp32), and a sampled row's tokens depend only on its seed.
+``batch_sizes`` (and the ``tuneforge_batch_size`` histogram) count the rows of each step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tuneforge.generation import RowSettings, generate_rows
+from tuneforge.generation import RowSettings
+from tuneforge.generation.engine import DecodeEngine
 from tuneforge.serve.engine import ServedModels
 
 log = logging.getLogger("tuneforge.serve")
@@ -115,29 +119,32 @@ class Job:
 
 
 class Batcher:
-    """The worker thread and its queue. ``start()`` once, ``submit()`` from the event loop,
-    ``stop()`` at shutdown (queued and running jobs finish first)."""
+    """The worker thread, its queue and engines. ``start()`` once, ``submit()`` from the event
+    loop, ``stop()`` at shutdown (queued and running jobs finish first)."""
 
     def __init__(self, models: ServedModels, *, max_batch_size: int = 16,
-                 batch_wait_s: float = 0.005, max_queue: int = 256, metrics=None) -> None:
+                 batch_wait_s: float = 0.005, max_queue: int = 256, metrics=None,
+                 turn_steps: int = 8) -> None:
         self.models = models
         self.max_batch_size, self.batch_wait_s, self.max_queue = max_batch_size, batch_wait_s, max_queue
         self.metrics = metrics
+        self.turn_steps = turn_steps
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
+        self._engines: dict[str, DecodeEngine] = {}  # worker thread only
         self._running = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting for a batch."""
+        """Jobs waiting for a place in a running batch."""
         return len(self._queue)
 
     @property
     def running(self) -> int:
-        """Rows of the batch being generated now."""
+        """Rows being generated now, over all model ids."""
         return self._running
 
     def start(self) -> None:
@@ -165,65 +172,89 @@ class Batcher:
 
     def _work(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            if not self._wait_for_work():
                 return
-            try:
-                self._generate(batch)
-            finally:
-                self._running = 0
+            for model_id in [m for m, e in self._engines.items() if not e.idle]:
+                self._turn(model_id)
+            self._running = sum(e.running + len(e.waiting) for e in self._engines.values())
 
-    def _next_batch(self) -> list[Job] | None:
+    def _wait_for_work(self) -> bool:
+        """Block until some engine has rows or jobs are queued; False once stopping with
+        nothing left. Moves queued jobs into their engines."""
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._queue and self._all_idle() and not self._stopping:
                 self._cond.wait()
-            # Concurrent requests arrive a few milliseconds apart: wait that long for company.
-            deadline = time.perf_counter() + self.batch_wait_s
-            while 0 < len(self._queue) < self.max_batch_size and not self._stopping:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            while self._queue and self._queue[0].cancelled:
-                self._queue.popleft()
-            if not self._queue:
-                return None if self._stopping else []
-            model_id = self._queue[0].model_id
-            batch, rest = [], collections.deque()
-            for job in self._queue:
-                if job.cancelled:
-                    continue
-                if job.model_id == model_id and len(batch) < self.max_batch_size:
-                    batch.append(job)
-                else:
-                    rest.append(job)
-            self._queue = rest
-            self._running = len(batch)
-            return batch
+            if self._all_idle():
+                # Concurrent requests arrive a few milliseconds apart: wait that long for company.
+                deadline = time.perf_counter() + self.batch_wait_s
+                while 0 < len(self._queue) < self.max_batch_size and not self._stopping:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            self._take_queued()
+            return not (self._stopping and not self._queue and self._all_idle())
 
-    def _generate(self, batch: list[Job]) -> None:
-        if not batch:
-            return
-        self.batch_sizes[len(batch)] += 1
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(batch))
-        for job in batch:
+    def _all_idle(self) -> bool:
+        return all(e.idle for e in self._engines.values())
+
+    def _take_queued(self) -> None:
+        """Move queued jobs (oldest first) into their model's engine while it has room; drop
+        the ones whose client has gone. Called with ``_cond`` held."""
+        rest: collections.deque[Job] = collections.deque()
+        for job in self._queue:
+            if job.cancelled:
+                continue
+            engine = self._engine(job.model_id)
+            if engine.room == 0:
+                rest.append(job)
+                continue
             if job.stream or job.stop:
                 job._text = TextStream(self.models.tokenizer, job.stop)
+            engine.submit(job.prompt_ids, job.settings, tag=job,
+                          on_token=lambda token, job=job: self._on_token(job, token))
+        self._queue = rest
+
+    def _engine(self, model_id: str) -> DecodeEngine:
+        engine = self._engines.get(model_id)
+        if engine is None:
+            # the model is bound at each turn (the adapter's runner); None until then
+            engine = self._engines[model_id] = DecodeEngine(
+                None, stop_token_ids=self.models.stop_token_ids, pad_id=self.models.pad_id,
+                max_rows=self.max_batch_size)
+        return engine
+
+    def _turn(self, model_id: str) -> None:
+        """Up to ``turn_steps`` steps of one model id's engine (more while no other id has
+        work), taking in newly queued jobs between steps."""
+        engine = self._engines[model_id]
         try:
-            with self.models.runner(batch[0].model_id) as (run_model, autocast):
-                results = generate_rows(
-                    run_model, [j.prompt_ids for j in batch], [j.settings for j in batch],
-                    stop_token_ids=self.models.stop_token_ids, pad_id=self.models.pad_id,
-                    autocast=autocast, on_token=lambda row, token: self._on_token(batch[row], token),
-                )
+            with self.models.runner(model_id) as (run_model, autocast):
+                engine.model, engine.autocast = run_model, autocast
+                steps = 0
+                while not engine.idle:
+                    finished = engine.step()
+                    steps += 1
+                    self._count(engine.step_rows)
+                    for row in finished:
+                        self._finish(row.tag, row.tokens, row.finish_reason)
+                    with self._cond:
+                        self._take_queued()
+                    others = any(not e.idle for m, e in self._engines.items() if m != model_id)
+                    if steps >= self.turn_steps and (others or self._stopping):
+                        break
         except Exception as err:  # noqa: BLE001 - a failed batch must not stop the server
-            log.exception("generation failed for a batch of %d", len(batch))
-            for job in batch:
-                job.post("error", job.index, f"generation failed: {type(err).__name__}")
-            return
-        for job, (ids, reason) in zip(batch, results):
-            self._finish(job, ids, reason)
+            rows = engine.abort()
+            log.exception("generation failed for a batch of %d", len(rows))
+            for row in rows:
+                row.tag.post("error", row.tag.index, f"generation failed: {type(err).__name__}")
+
+    def _count(self, rows: int) -> None:
+        self._running = sum(e.running for e in self._engines.values())
+        if rows:
+            self.batch_sizes[rows] += 1
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(rows)
 
     def _on_token(self, job: Job, token_id: int) -> bool:
         """Per generated token of ``job`` (worker thread): stream text, spot stop strings."""

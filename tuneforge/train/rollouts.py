@@ -2,8 +2,8 @@
 out.
 
 prompt file (``load_prompts``) -> :class:`PromptItem` (token ids + the columns a reward reads)
--> :func:`sample` completions with the policy (batched, KV-cached generation from
-tuneforge.generation) and score them with the reward function -> :class:`Completion` (prompt +
+-> :class:`Sampler` completions with the policy (generated through the serving engine,
+:func:`tuneforge.generation.engine.generate_continuous`: continuous batching with a KV cache) and score them with the reward function -> :class:`Completion` (prompt +
 completion token ids), which tuneforge/train/scoring.py scores token by token under the policy
 and the reference (``score_tokens``, ``Reference.token_logps``: right-padded ``[B, T]`` tensors,
 the shapes tuneforge.losses.rl takes).
@@ -26,7 +26,7 @@ from tuneforge.config import RLConfig, RunConfig
 from tuneforge.data.example import Example
 from tuneforge.data.render import IGNORE_INDEX, TokenizedExample, render_prompt
 from tuneforge.errors import DataError
-from tuneforge.generation import generate_batch
+from tuneforge.generation.engine import generate_continuous
 from tuneforge.models.loading import load_tokenizer
 from tuneforge.rewards import RewardFn, call_reward, load_reward_fn
 from tuneforge.train.plots import plot_metric
@@ -141,7 +141,10 @@ class Sampler:
     """Samples ``group`` completions per prompt with the policy and scores them.
 
     Each call draws its generation seed from torch's random stream, which checkpoints save and
-    restore: a resumed run samples what the uninterrupted run would have.
+    restore: a resumed run samples what the uninterrupted run would have. All completions of a
+    call are submitted to one decode engine at once, the server's (``batch_size`` rows run
+    together; a finished row's place goes to the next one at the next step); completion ``i``
+    samples from stream ``i`` of the seed, so its tokens do not depend on ``batch_size``.
     """
 
     tokenizer: object
@@ -149,17 +152,17 @@ class Sampler:
     rl: RLConfig
     group: int = 1
     batch_size: int | None = None
-    """Prompts x group sampled together (None: generation's default)."""
+    """Rows decoded together (None: all, up to 32)."""
     on_sample: list[Callable[[list[Completion]], None]] = field(default_factory=list)
 
     def __call__(self, model: nn.Module, prompts: list[PromptItem]) -> list[Completion]:
         """``len(prompts) * group`` scored completions; each prompt's group is contiguous."""
         seed = int(torch.randint(0, 2**31 - 1, ()))
         conversations = [p.messages for p in prompts for _ in range(self.group)]
-        results = generate_batch(
+        results = generate_continuous(
             model, self.tokenizer, conversations, max_new_tokens=self.rl.max_new_tokens,
             temperature=self.rl.temperature, top_p=self.rl.top_p, seed=seed,
-            batch_size=self.batch_size, precision=self.rl.generation_precision)
+            max_rows=self.batch_size, precision=self.rl.generation_precision)
         completions = [Completion(prompts[i // self.group], r.token_ids, r.text,
                                   r.finish_reason == "stop") for i, r in enumerate(results)]
         scores = self.score(completions)
