@@ -137,12 +137,7 @@ def generate_batch(
         raise ValueError("max_new_tokens must be at least 1")
     if not conversations:
         return []
-    prompts = [render_prompt(messages, tokenizer) for messages in conversations]
-    if stop_token_ids is None:
-        stop_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = stop_token_ids[0] if stop_token_ids else 0
+    prompts, stop_token_ids, pad_id = prepare_prompts(conversations, tokenizer, stop_token_ids)
     batch_size = batch_size or min(len(prompts), 32)
 
     run_model, autocast = inference_model(model, precision)
@@ -177,6 +172,18 @@ def generate_batch(
         run_model.train(run_was_training)
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def prepare_prompts(conversations, tokenizer, stop_token_ids=None):
+    """The conversations' prompt ids (chat template, generation prompt), the stop ids (the
+    tokenizer's EOS unless given) and the pad id (the tokenizer's, else the first stop id)."""
+    prompts = [render_prompt(messages, tokenizer) for messages in conversations]
+    if stop_token_ids is None:
+        stop_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = stop_token_ids[0] if stop_token_ids else 0
+    return prompts, list(stop_token_ids), pad_id
 
 
 def generate_rows(

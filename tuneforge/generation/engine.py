@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from tuneforge.data.render import render_prompt
 from tuneforge.generation.decode import (
     GenerationResult,
     RowSettings,
     _autocast,
     _preallocated_cache,
     next_tokens,
+    prepare_prompts,
     row_generator,
 )
 from tuneforge.generation.inference_copy import inference_model, model_device
@@ -395,12 +395,7 @@ def generate_continuous(model, tokenizer, conversations: list[list[dict]], *,
         raise ValueError("max_new_tokens must be at least 1")
     if not conversations:
         return []
-    prompts = [render_prompt(messages, tokenizer) for messages in conversations]
-    if stop_token_ids is None:
-        stop_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = stop_token_ids[0] if stop_token_ids else 0
+    prompts, stop_token_ids, pad_id = prepare_prompts(conversations, tokenizer, stop_token_ids)
     run_model, autocast = inference_model(model, precision)
     was_training, run_was_training = model.training, run_model.training
     model.eval()
