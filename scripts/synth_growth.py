@@ -12,7 +12,7 @@ paraphrase only when it is scored back into its label is the run trained on the 
 classifier judges better than the base model does). Synthetic records never repeat a seed,
 validation or test ticket, exactly or nearly (synth's dedup).
 
-    python scripts/synth_growth.py --out runs/synth-growth      # about 20 minutes on 2 CPU cores
+    python scripts/synth_growth.py --out runs/synth-growth      # about half an hour on 2 CPU cores
 
 Writes OUT/table.md (and prints it), OUT/results.json, the data under OUT/data and the runs
 under OUT/runs. Re-running skips the runs and the synthesis already finished.
