@@ -90,18 +90,24 @@ def test_adapters_off_reference_equals_a_frozen_copy(tmp_path):
     assert not torch.allclose(policy.detach(), want, atol=1e-3)
 
 
+def train_twelve_steps(model, objective, data, tmp_path) -> list[dict]:
+    """12 constant-rate steps of 8 on ``data`` (the reference precomputed first when the
+    objective's mode asks for it); the logged steps."""
+    if objective.reference.mode == "precompute":
+        objective.reference.compute(data, torch.device("cpu"))
+    cfg = TrainConfig(batch_size=8, max_steps=12, lr=5e-3, bf16="false", progress=False,
+                      eval_every=0, save_every=0, warmup_steps=0, schedule="constant")
+    result = train(model, data, [], cfg, tmp_path / "run", objective=objective)
+    return [r for r in result.history if "loss" in r]
+
+
 @pytest.mark.parametrize("method,reference", [("lora", "cached"), ("full", "precompute")])
 def test_dpo_grows_the_chosen_rejected_margin(tmp_path, method, reference):
     model, _ = load_model("tiny:llama")
     model = prepare_model(model, AdapterConfig(method=method, r=4, alpha=8))
     data = pairs(tmp_path, 16)
     objective = PreferenceObjective(model, "dpo", beta=0.5, reference=reference)
-    if reference == "precompute":
-        objective.reference.compute(data, torch.device("cpu"))
-    cfg = TrainConfig(batch_size=8, max_steps=12, lr=5e-3, bf16="false", progress=False,
-                      eval_every=0, save_every=0, warmup_steps=0, schedule="constant")
-    result = train(model, data, [], cfg, tmp_path / "run", objective=objective)
-    steps = [r for r in result.history if "loss" in r]
+    steps = train_twelve_steps(model, objective, data, tmp_path)
     # policy == reference at the start: every implicit reward is 0 and the loss is log 2
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert steps[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)

@@ -8,15 +8,14 @@ import pytest
 import torch
 from helpers import chat_records, write_jsonl, write_recipe_config
 from test_cli_train import tuneforge
-from test_dpo import lora_off_zero, naive_sequence_logps, train_six_steps
+from test_dpo import lora_off_zero, naive_sequence_logps, train_six_steps, train_twelve_steps
 
-from tuneforge.config import AdapterConfig, TrainConfig, load_config
+from tuneforge.config import AdapterConfig, load_config
 from tuneforge.data.formats import parse_examples
 from tuneforge.errors import ConfigError
 from tuneforge.models.adapters import prepare_model
 from tuneforge.models.loading import load_model
 from tuneforge.recipes.kto import KTOObjective, with_mismatched
-from tuneforge.train.loop import train
 from tuneforge.train.scoring import render_responses
 
 
@@ -86,12 +85,7 @@ def test_kto_pushes_thumbs_up_above_and_thumbs_down_below(tmp_path, method, refe
     model = prepare_model(model, AdapterConfig(method=method, r=4, alpha=8))
     data = items(tmp_path, 16)
     objective = KTOObjective(model, beta=0.5, reference=reference)
-    if reference == "precompute":
-        objective.reference.compute(data, torch.device("cpu"))
-    cfg = TrainConfig(batch_size=8, max_steps=12, lr=5e-3, bf16="false", progress=False,
-                      eval_every=0, save_every=0, warmup_steps=0, schedule="constant")
-    result = train(model, data, [], cfg, tmp_path / "run", objective=objective)
-    steps = [r for r in result.history if "loss" in r]
+    steps = train_twelve_steps(model, objective, data, tmp_path)
     # policy == reference at the start: every reward and z0 are 0, each example costs 1/2
     assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-4)
     assert steps[0]["signed_reward"] == pytest.approx(0.0, abs=1e-4)
