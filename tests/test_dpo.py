@@ -119,10 +119,11 @@ def lora_off_zero():
     """A tiny llama with a LoRA adapter moved off zero, so the policy differs from the reference."""
     model, _ = load_model("tiny:llama")
     model = prepare_model(model, AdapterConfig(method="lora", r=4, alpha=8))
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.05)
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
     return model
 
 

@@ -72,8 +72,9 @@ def test_kto_loss_matches_a_hand_written_reference(tmp_path):
             want += w_up * (1 - sigmoid(beta * (ratio - z0)))
         else:
             want += w_down * (1 - sigmoid(beta * (z0 - ratio)))
-    assert loss.item() == pytest.approx(want, rel=1e-4, abs=1e-5)
-    assert metrics["kl"].item() == pytest.approx(z0 * len(data), rel=1e-4, abs=1e-5)
+    # fp32 sums of ~100 token log-probs, packed vs padded: equal to ~1e-5 relative
+    assert loss.item() == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert metrics["kl"].item() == pytest.approx(z0 * len(data), rel=1e-4, abs=1e-4)
     loss.backward()  # the loss trains the adapter
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in model.named_parameters() if "lora_" in n)
