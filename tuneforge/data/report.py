@@ -112,16 +112,18 @@ def write_report(
     report = build_report(train, validation=validation, test=test, fmt=fmt, tokenizer=tokenizer)
     report["title"] = title or f"Data report: {Path(train).name}"
     out.mkdir(parents=True, exist_ok=True)
+    from tuneforge.train.checkpoint import atomic_write_bytes  # (torch: imported when writing)
+
     images = _plots(report)
     for name in _PLOTS:  # a plot left from an earlier report would describe other data
         if name not in images:
             (out / f"{name}.png").unlink(missing_ok=True)
     for name, png in images.items():
-        _atomic_write(out / f"{name}.png", png)
+        atomic_write_bytes(out / f"{name}.png", png)
     report["figures"] = {name: f"{name}.png" for name in images}
-    _atomic_write(out / "report.json", json.dumps(report, indent=2).encode("utf-8"))
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode("utf-8"))
     html_path = out / "report.html"
-    _atomic_write(html_path, render_html(report, images).encode("utf-8"))
+    atomic_write_bytes(html_path, render_html(report, images).encode("utf-8"))
     return html_path
 
 
@@ -182,12 +184,6 @@ def _load(files: list[tuple[str, Path]], fmt: str | None) -> list[tuple[str, str
     if unreadable:
         raise DataError("cannot read " + "; ".join(unreadable))
     return loaded
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ prompt whose candidates were not generated yet is shown as waiting for them.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from collections import defaultdict
@@ -54,6 +53,7 @@ from tuneforge.studio.agreement import (
     rating_units,
 )
 from tuneforge.studio.layout import esc, page
+from tuneforge.train.checkpoint import atomic_write_text
 
 PREFIX = "/studio/feedback"
 COOKIE = "tuneforge_labeler"
@@ -606,6 +606,4 @@ def _file_safe(name: str) -> str:
 
 def _write_json(path: Path, value: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=2))
