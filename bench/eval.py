@@ -8,13 +8,13 @@ the built-in model, bf16 where the CPU has it (``tuneforge.eval.classify``'s rul
 every contender on the same prompts in the same run:
 
 - ``scoring``: :func:`tuneforge.eval.classify.classify` as evaluation calls it (tokenising,
-  the shared prefix, one packed forward per group of prompts with every candidate label as a
-  branch of its prompt, log-probabilities at the label positions only);
+  the shared prefix, one packed forward per group of prompts of similar length with every
+  candidate label as a branch of its prompt, attention as one batch per forward,
+  log-probabilities at the label positions only);
 - ``scoring-noprefix``: the same without the shared prefix (every prompt runs in full);
-- ``scoring-rowmask``: the same with one SDPA call over the whole row and its explicit mask,
-  instead of one masked call per prompt (tuneforge_packed attention);
 - ``forward``: a plain forward of the very tokens ``scoring`` runs (the shared prefix once,
-  then each packed row with causal attention per prompt, ``logits_to_keep=1``): the ceiling;
+  then each packed row with causal attention per prompt and no attention to the prefix,
+  ``logits_to_keep=1``): the ceiling;
 - ``reference``: the plain path, one prompt at a time (prompt with a KV cache, the candidates as
   a padded batch, full-vocabulary log-softmax), on the first ``--reference-examples`` prompts.
 
@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from bench.common import Column, format_table, machine_info, versions, write_results
 
 MODEL = "builtin:smollm2-135m-instruct"
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "support"
-CONTENDERS = ("scoring", "scoring-noprefix", "scoring-rowmask", "forward", "reference")
+CONTENDERS = ("scoring", "scoring-noprefix", "forward", "reference")
 
 COLUMNS: list[Column] = [
     ("contender", "contender", ""),
@@ -77,7 +76,7 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def plain_forward(model, rows, shared, bf16) -> None:
+def plain_forward(model, batches, shared, bf16) -> None:
     """One forward of the shared prefix, then of each packed row, causal per prompt."""
     import torch
 
@@ -87,20 +86,19 @@ def plain_forward(model, rows, shared, bf16) -> None:
     with torch.no_grad(), _autocast(model, bf16), packed_attention(model):
         if shared is not None:
             model(input_ids=torch.tensor([shared.ids]), logits_to_keep=1)
-        for row in rows:
-            model(input_ids=torch.tensor([row.ids]), position_ids=torch.tensor([row.positions]),
-                  packed_seq_lens=row.layout.lengths, logits_to_keep=1)
+        for batch in batches:
+            model(input_ids=torch.tensor([batch.ids]), position_ids=torch.tensor([batch.positions]),
+                  packed_seq_lens=batch.lengths, logits_to_keep=1)
 
 
 def measure(model, tokenizer, shots: int, args) -> list[dict]:
     """Every contender on the support prompts with ``shots`` shots; one row each."""
-    import torch
 
     from tuneforge.eval.classify import (
         SharedPrefix,
-        candidate_ids,
+        candidate_ids_batch,
         classify,
-        pack_label_rows,
+        label_batches,
         score_packed,
     )
 
@@ -114,18 +112,15 @@ def measure(model, tokenizer, shots: int, args) -> list[dict]:
         return classify(model, tokenizer, prompts[:n], gold[:n], labels, prefix=spec.prefix,
                         suffix=spec.suffix, packed=packed)
 
-    tokenised = [candidate_ids(tokenizer, p, spec.candidates()) for p in prompts]
+    tokenised = candidate_ids_batch(tokenizer, prompts, spec.candidates())
     ids, conts = [t[0] for t in tokenised], [t[1] for t in tokenised]
     shared = SharedPrefix.of(model, ids)
-    rows = pack_label_rows(ids, conts, shared)
+    rows = label_batches(ids, conts, shared)
     tokens = sum(len(r.ids) for r in rows) + (len(shared.ids) if shared is not None else 0)
     run_classify(True, min(4, len(prompts)))  # warm-up: first-call allocations, oneDNN kernels
 
-    def variant(prefix: bool, per_prompt: bool):
-        from tuneforge.models.attention import packed_attention
-
-        with torch.no_grad(), packed_attention(model) if per_prompt else nullcontext():
-            scores = score_packed(model, ids, conts, shared=shared if prefix else None)
+    def without_prefix():
+        scores = score_packed(model, ids, conts)
         return [labels[s.index(max(s))] for s in scores]
 
     results: dict[str, tuple[float, list[str], int]] = {}
@@ -134,10 +129,7 @@ def measure(model, tokenizer, shots: int, args) -> list[dict]:
             seconds, out = timed(lambda: run_classify(True))
             results[name] = (seconds, out.predicted, len(prompts))
         elif name == "scoring-noprefix":
-            seconds, predicted = timed(lambda: variant(prefix=False, per_prompt=True))
-            results[name] = (seconds, predicted, len(prompts))
-        elif name == "scoring-rowmask":
-            seconds, predicted = timed(lambda: variant(prefix=True, per_prompt=False))
+            seconds, predicted = timed(without_prefix)
             results[name] = (seconds, predicted, len(prompts))
         elif name == "forward":
             seconds, _ = timed(lambda: plain_forward(model, rows, shared, None))

@@ -10,16 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tuneforge.data.templates import prompt_ids
 from tuneforge.eval.classify import (
     LabelTree,
     SharedPrefix,
+    bf16_weights,
     candidate_ids,
+    candidate_ids_batch,
     classify,
-    pack_label_rows,
+    label_batches,
     score_continuations,
     score_packed,
 )
-from tuneforge.models.attention import packed_attention
 from tuneforge.models.loading import load_model
 
 SYSTEM = {"role": "system", "content": "Route the ticket: Billing, Bill Pay, Sales or Returns. " * 2}
@@ -91,20 +93,16 @@ def test_packed_scores_equal_the_reference_on_chat_prompts(tiny, few_shot):
     assert shared is not None and len(shared.ids) > (100 if few_shot else 30)
     for prefix in (None, shared):
         for group_tokens in (1, 60, 100_000):  # a prompt per row, a few per row, all in one
-            with packed_attention(model) as switched:
-                assert switched
-                assert_close(score_packed(model, ids, conts, bf16=False, shared=prefix,
-                                          group_tokens=group_tokens), want)
-        # under plain SDPA the row's explicit mask gives the same scores
-        assert_close(score_packed(model, ids, conts, bf16=False, shared=prefix), want)
+            assert_close(score_packed(model, ids, conts, bf16=False, shared=prefix,
+                                      group_tokens=group_tokens), want)
+    assert model.config._attn_implementation == "sdpa"  # switched back after scoring
 
 
 def test_packed_scores_equal_the_reference_on_raw_prompts(tiny):
     model, tok = tiny
     ids, conts = tokenised(tok, RAW_PROMPTS, [" shipping<|im_end|>", " ship<|im_end|>", " billing"])
     want = reference(model, ids, conts)
-    with packed_attention(model):
-        assert_close(score_packed(model, ids, conts, bf16=False, group_tokens=40), want)
+    assert_close(score_packed(model, ids, conts, bf16=False, group_tokens=40), want)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
@@ -113,8 +111,7 @@ def test_packed_scores_equal_the_reference_on_other_architectures(arch):
     model.eval()
     ids, conts = tokenised(tok, chat_prompts(True)[:4], LABELS)
     shared = SharedPrefix.of(model, ids, bf16=False)
-    with packed_attention(model):
-        got = score_packed(model, ids, conts, bf16=False, shared=shared, group_tokens=200)
+    got = score_packed(model, ids, conts, bf16=False, shared=shared, group_tokens=200)
     assert_close(got, reference(model, ids, conts))
 
 
@@ -130,23 +127,69 @@ def test_packed_scores_of_a_lora_model_equal_the_reference():
     with peft_model.disable_adapter():
         base = reference(peft_model, ids, conts)
     assert abs(want[0][0] - base[0][0]) > 1e-3
-    with packed_attention(peft_model):
-        assert_close(score_packed(peft_model, ids, conts, bf16=False), want)
+    assert_close(score_packed(peft_model, ids, conts, bf16=False), want)
 
 
-def test_rows_hold_whole_prompts_and_never_mix_prefixed_with_unprefixed(tiny):
+def test_batches_hold_whole_prompts_by_length_and_never_mix_prefixed_with_unprefixed(tiny):
     model, tok = tiny
     prompts = [*chat_prompts(True)[:3], [{"role": "user", "content": "no system here"}]]
     ids, conts = tokenised(tok, prompts, LABELS)
     shared = SharedPrefix.of(model, ids[:3], bf16=False)  # the last prompt does not start with it
-    rows = pack_label_rows(ids, conts, shared, group_tokens=100_000)
-    assert [r.layout.prefix for r in rows] == [len(shared.ids), 0]
-    assert [len(r.trees) for r in rows] == [3, 1]
-    assert sum(len(r.ids) for r in rows) == sum(r.layout.lengths[i] for r in rows
-                                                for i in range(len(r.trees)))
-    with packed_attention(model):
-        got = score_packed(model, ids, conts, bf16=False, shared=shared)
+    batches = label_batches(ids, conts, shared, group_tokens=100_000)
+    assert [b.prefix for b in batches] == [len(shared.ids), 0]
+    assert [sorted(b.order) for b in batches] == [[0, 1, 2], [3]]
+    first = batches[0]
+    assert first.lengths == sorted(first.lengths)  # shortest first: little padding
+    assert len(first.ids) == sum(first.lengths)  # the row itself has no padding
+    assert first.mask.shape == (3, 1, max(first.lengths), len(shared.ids) + max(first.lengths))
+    # a padding query sees key 0 only; real queries see the whole prefix
+    short = first.lengths[0]
+    assert first.mask[0, 0, short:].sum(-1).tolist() == [1] * (max(first.lengths) - short)
+    assert first.mask[:, 0, :, : len(shared.ids)].all(-1)[0, :short].all()
+    small = label_batches(ids, conts, shared, group_tokens=1)  # one prompt each
+    assert sorted(i for b in small for i in b.order) == [0, 1, 2, 3]
+    got = score_packed(model, ids, conts, bf16=False, shared=shared)
     assert_close(got, reference(model, ids, conts))
+
+
+def one_at_a_time(tok, prompt, candidates):
+    """Each answer tokenised after its prompt on its own call, as training tokenises it."""
+    ids = prompt_ids(prompt, tok)
+    if isinstance(prompt, str):
+        return ids, [tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
+    text, conts = tok.decode(ids, skip_special_tokens=False), []
+    for c in candidates:
+        joint = tok(text + c, add_special_tokens=False)["input_ids"]
+        ok = joint[: len(ids)] == ids and len(joint) > len(ids)
+        conts.append(joint[len(ids):] if ok else tok(c, add_special_tokens=False)["input_ids"])
+    return ids, conts
+
+
+def test_batched_tokenising_equals_one_prompt_at_a_time(tiny):
+    _, tok = tiny
+    prompts = [*chat_prompts(True), *RAW_PROMPTS, [{"role": "user", "content": "x"}]]
+    for candidates in (LABELS, [" shipping<|im_end|>", "ship", " billing"]):
+        want = [one_at_a_time(tok, p, candidates) for p in prompts]
+        assert candidate_ids_batch(tok, prompts, candidates) == want
+        assert [candidate_ids(tok, p, candidates) for p in prompts] == want
+
+
+def testbf16_weights_give_autocast_scores_and_put_the_fp32_weights_back(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load_model("tiny:llama")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                             init_lora_weights=False)).eval()
+    ids, conts = tokenised(tok, chat_prompts(True)[:3], LABELS)
+    before = {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()}
+    want = [score_continuations(model, p, c, bf16=True) for p, c in zip(ids, conts)]
+    with bf16_weights(model, True):
+        assert model.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        got = [score_continuations(model, p, c, bf16=True) for p, c in zip(ids, conts)]
+    assert got == want  # the same bf16 values autocast casts to: the same scores, exactly
+    assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == before
+    with bf16_weights(model, False):  # fp32 scoring leaves the weights alone
+        assert model.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
 
 
 def test_classify_packed_gives_the_reference_predictions_and_metrics(tiny):

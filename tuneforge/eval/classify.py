@@ -9,9 +9,9 @@ not favoured.
 
 :func:`score_packed` (what :func:`classify` uses) scores many prompts in one forward per group:
 each prompt's candidates form a token tree (:class:`LabelTree`: the tokens candidates start with
-run once, each label is a short branch), the prompts and their trees are packed into one row
-without padding, and the attention of each token is limited to its own prompt and branch
-(:class:`tuneforge.models.attention.PackedTree`). Only the positions that predict a label token
+run once, each label is a short branch), prompts of similar length and their trees are packed
+into one row without padding, and the attention of each token, run as one batch over the row's
+prompts, is limited to its own prompt and branch (:class:`tuneforge.models.attention.TreeBatch`). Only the positions that predict a label token
 are projected onto the vocabulary. The tokens that every prompt starts with (the system message,
 the k solved examples of a few-shot prompt) run once for the whole evaluation
 (:class:`SharedPrefix`). :func:`score_continuations` is the plain path, one prompt at a time,
@@ -21,7 +21,8 @@ kept as the reference the packed one is tested against.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +30,12 @@ import torch
 from tuneforge.data.templates import Prompt, prompt_ids
 from tuneforge.eval.metrics import classification_metrics
 from tuneforge.models.adapters import base_model
-from tuneforge.models.attention import PackedTree, packed_attention
+from tuneforge.models.attention import TreeBatch, can_use_packed_attention, packed_attention
 
-GROUP_TOKENS = 4096
-"""Tokens run per packed forward (prompts after the shared prefix, plus label branches): fewer,
-larger forwards use the matmuls better (1024 cost ~15% more time on the support set)."""
+GROUP_TOKENS = 2048
+"""Tokens run per packed forward (prompts after the shared prefix, plus label branches): on the
+support set 2,048 measured a little faster than 4,096 and 8,192 (bench/README.md), and 1,024
+about 15% slower than 4,096."""
 
 
 @dataclass
@@ -95,6 +97,11 @@ class SharedPrefix:
             out = model(input_ids=torch.tensor([first[:n]]), use_cache=True, logits_to_keep=1)
         return cls(list(first[:n]), out.cache)
 
+    @property
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's ``(keys, values)`` ``[1, Hkv, len(ids), D]``."""
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
     def starts(self, prompt: list[int]) -> bool:
         return len(prompt) > len(self.ids) and prompt[: len(self.ids)] == self.ids
 
@@ -145,28 +152,102 @@ def candidate_ids(tokenizer, prompt: Prompt, candidates: Sequence[str],
                   ) -> tuple[list[int], list[list[int]]]:
     """(prompt token ids, each candidate's token ids), tokenised as training tokenises an
     answer after that prompt."""
-    ids = prompt_ids(prompt, tokenizer)
-    if isinstance(prompt, str):  # raw completions are tokenised on their own in training
-        return ids, [tokenizer(text, add_special_tokens=False)["input_ids"] for text in candidates]
-    prompt_text = tokenizer.decode(ids, skip_special_tokens=False)
-    return ids, [_continuation_ids(tokenizer, prompt_text, ids, text) for text in candidates]
+    return candidate_ids_batch(tokenizer, [prompt], candidates)[0]
+
+
+def candidate_ids_batch(tokenizer, prompts: Sequence[Prompt], candidates: Sequence[str],
+                        ) -> list[tuple[list[int], list[list[int]]]]:
+    """:func:`candidate_ids` of each prompt, the candidates' texts tokenised in one batched call.
+
+    Prompt and answer are tokenised together, as training tokenises them, so merges at the
+    boundary match. A tokenizer splits special tokens out before anything else, so the text
+    after a prompt's last special token (a chat prompt's ``<|im_start|>assistant\n``)
+    tokenises the same whatever comes before it: only that tail is joined to each answer
+    (checked: the tail must come back as its own ids, else the whole prompt text is used).
+    """
+    ids = [prompt_ids(p, tokenizer) for p in prompts]
+    out: list = [None] * len(prompts)
+    alone = None
+    if any(isinstance(p, str) for p in prompts):  # raw completions: each answer on its own
+        alone = _tokenise(tokenizer, list(candidates))
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                out[i] = (ids[i], [list(c) for c in alone])
+    special = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+               if getattr(t, "special", False)}
+    chat = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    tails = {}
+    for i in chat:
+        start = next((j for j in range(len(ids[i]) - 1, -1, -1) if ids[i][j] in special), 0)
+        tails[i] = ids[i][start:]
+    for whole in (False, True):  # the tails first; the whole prompt where a tail fails
+        todo = [i for i in chat if out[i] is None]
+        if not todo:
+            break
+        heads = {i: ids[i] if whole else tails[i] for i in todo}
+        texts = {i: tokenizer.decode(heads[i], skip_special_tokens=False) for i in todo}
+        joint = _tokenise(tokenizer, [texts[i] + c for i in todo for c in candidates])
+        for n, i in enumerate(todo):
+            head, conts = heads[i], []
+            for k in range(len(candidates)):
+                j = joint[n * len(candidates) + k]
+                if j[: len(head)] == head and len(j) > len(head):
+                    conts.append(j[len(head) :])
+                elif not whole:  # the tail does not come back as itself: use the whole prompt
+                    break
+                else:  # the answer merged into the prompt's last token: tokenise it alone
+                    alone = alone or _tokenise(tokenizer, list(candidates))
+                    conts.append(list(alone[k]))
+            else:
+                out[i] = (ids[i], conts)
+    return out
+
+
+def _tokenise(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 def _autocast(model, bf16: bool | None):
     """bf16 matmuls where the hardware has them: scoring needs ranks, not the last digit."""
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16_enabled(model, bf16))
+
+
+def _bf16_enabled(model, bf16: bool | None) -> bool:
     from tuneforge.train.loop import use_bf16
 
+    return use_bf16("auto", next(model.parameters()).device) if bf16 is None else bf16
+
+
+@contextmanager
+def bf16_weights(model, bf16: bool | None) -> Iterator[None]:
+    """While scoring under bf16 autocast, hold every linear layer's weight (and bias) in bf16.
+
+    Autocast re-casts each fp32 weight at every forward (it keeps a cast only for weights that
+    require grad, and only within one autocast region): a LoRA model's frozen base would be
+    cast once per packed forward. The casts made here are the same bf16 values, so the scores
+    are the same. A weight tied to an embedding stays (the embedding runs in fp32); the fp32
+    tensors are put back afterwards, whatever happens.
+    """
     device = next(model.parameters()).device
-    enabled = use_bf16("auto", device) if bf16 is None else bf16
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _continuation_ids(tokenizer, prompt_text: str, prompt_ids: list[int], text: str) -> list[int]:
-    # Tokenise prompt and answer together, as training did, so boundary merges match.
-    joint = tokenizer(prompt_text + text, add_special_tokens=False)["input_ids"]
-    if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
-        return joint[len(prompt_ids) :]
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not (_bf16_enabled(model, bf16) and device.type in ("cpu", "cuda")):
+        yield
+        return
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    saved = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if not isinstance(module, torch.nn.Linear):
+                    continue
+                for param in (module.weight, module.bias):
+                    if param is not None and param.dtype == torch.float32 and id(param) not in embedded:
+                        saved.append((param, param.data))
+                        param.data = param.data.to(torch.bfloat16)
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
 
 
 @dataclass
@@ -227,46 +308,60 @@ class LabelTree:
 
 
 @dataclass
-class PackedRow:
-    """One forward of label scoring: several prompts (after a shared prefix) and their trees.
+class LabelBatch:
+    """One forward of label scoring: prompts of similar length, each followed by its
+    candidates' :class:`LabelTree`, packed into one row without padding after ``prefix``
+    shared tokens (the row leaves those out).
 
-    ``ids``/``positions``: the row's tokens and their positions in their own sequences;
-    ``layout``: its segments and masks; ``rows[i]`` is the row position whose output predicts
-    ``tokens[i]``, the targets of ``trees`` one after another.
+    ``order[b]`` is segment ``b``'s prompt (an index into the scored prompts), ``lengths[b]``
+    its tokens; ``ids``/``positions`` the row's tokens and their positions in their own
+    sequences; ``mask`` ``[B, 1, W, prefix + W]`` who sees whom when attention lays the
+    segments out as a right-padded batch (:class:`tuneforge.models.attention.TreeBatch`);
+    ``rows[i]`` the row position whose output predicts ``tokens[i]``, the targets of ``trees``
+    one after another.
     """
 
+    order: list[int]
     ids: list[int]
     positions: list[int]
-    layout: PackedTree
+    lengths: list[int]
+    prefix: int
+    mask: torch.Tensor
     rows: list[int]
     tokens: list[int]
     trees: list[LabelTree]
 
 
-def pack_label_rows(prompts: Sequence[list[int]], continuations: Sequence[Sequence[list[int]]],
-                    shared: SharedPrefix | None = None, group_tokens: int = GROUP_TOKENS,
-                    ) -> list[PackedRow]:
-    """The prompts, in order, packed with their candidates' trees into rows of about
-    ``group_tokens`` tokens each (a prompt is never split); a row's prompts all start with
-    ``shared``'s tokens (which the row then leaves out) or none does."""
+def label_batches(prompts: Sequence[list[int]], continuations: Sequence[Sequence[list[int]]],
+                  shared: SharedPrefix | None = None, group_tokens: int = GROUP_TOKENS,
+                  ) -> list[LabelBatch]:
+    """The prompts, shortest first, cut into rows of at most ``group_tokens`` tokens (a row
+    holds at least one prompt). Sorting by length keeps the padding of the attention batch
+    small; a row's prompts all start with ``shared``'s tokens (which it then leaves out) or
+    none does."""
     trees = [LabelTree.of(c) for c in continuations]
     skip = [len(shared.ids) if shared is not None and shared.starts(p) else 0 for p in prompts]
-    out, group, size = [], [], 0
-    for i, prompt in enumerate(prompts):
+    size = [len(p) - skip[i] + len(trees[i].tokens) for i, p in enumerate(prompts)]
+    if any(len(p) - skip[i] < 1 for i, p in enumerate(prompts)):
+        raise ValueError("label scoring needs a prompt of at least one token")
+    out, group, total = [], [], 0
+    for i in sorted(range(len(prompts)), key=lambda i: (-skip[i], size[i])):
+        if group and (skip[i] != skip[group[0]] or total + size[i] > group_tokens):
+            out.append(_batch(group, prompts, trees, skip[group[0]]))
+            group, total = [], 0
         group.append(i)
-        size += len(prompt) - skip[i] + len(trees[i].tokens)
-        if size >= group_tokens or i == len(prompts) - 1 or skip[i + 1] != skip[i]:
-            out.append(_pack_row([prompts[j] for j in group], [trees[j] for j in group], skip[i]))
-            group, size = [], 0
+        total += size[i]
+    if group:
+        out.append(_batch(group, prompts, trees, skip[group[0]]))
     return out
 
 
-def _pack_row(prompts: list[list[int]], trees: list[LabelTree], prefix: int) -> PackedRow:
+def _batch(order: list[int], prompts: Sequence[list[int]], trees: list[LabelTree],
+           prefix: int) -> LabelBatch:
     ids, positions, lengths, masks, rows, tokens = [], [], [], [], [], []
-    for prompt, tree in zip(prompts, trees):
+    for i in order:
+        prompt, tree = prompts[i], trees[i]
         own, offset = len(prompt) - prefix, len(ids)
-        if own < 1:
-            raise ValueError("label scoring needs a prompt of at least one token")
         ids += prompt[prefix:] + tree.tokens
         positions += list(range(prefix, len(prompt))) + [len(prompt) + d for d in tree.depths]
         lengths.append(own + len(tree.tokens))
@@ -274,7 +369,13 @@ def _pack_row(prompts: list[list[int]], trees: list[LabelTree], prefix: int) -> 
         rows += [offset + own - 1 if source < 0 else offset + own + source
                  for source, _ in tree.targets]
         tokens += [token for _, token in tree.targets]
-    return PackedRow(ids, positions, PackedTree(prefix, lengths, masks), rows, tokens, trees)
+    width = max(lengths)
+    mask = torch.zeros(len(order), 1, width, prefix + width, dtype=torch.bool)
+    for b, (n, seg) in enumerate(zip(lengths, masks)):
+        mask[b, 0, :n, : prefix + n] = seg
+        mask[b, 0, n:, 0] = True
+    return LabelBatch(list(order), ids, positions, lengths, prefix, mask, rows, tokens,
+                      [trees[i] for i in order])
 
 
 @torch.no_grad()
@@ -284,49 +385,47 @@ def score_packed(model, prompts: Sequence[list[int]], continuations: Sequence[Se
                  progress: Callable[[int], None] | None = None) -> list[list[float]]:
     """Sum of log p(continuation | prompt) for each prompt's continuations (token ids).
 
-    One forward per :func:`pack_label_rows` row, after ``shared``'s cached tokens for the
-    prompts that start with them. Returns one list of scores per prompt, in the order of its
-    continuations: :func:`score_continuations`'s, up to rounding. Exact under any SDPA
-    attention; the tuneforge_packed one (:func:`tuneforge.models.attention.packed_attention`)
-    skips the masked-out blocks. ``progress`` gets the number of prompts done.
+    One forward per :func:`label_batches` batch, after ``shared``'s cached tokens for the
+    prompts that start with them, through the tuneforge_packed attention
+    (:func:`tuneforge.models.attention.packed_attention`; ValueError for a model whose
+    attention cannot switch to it). Returns one list of scores per prompt, in the order of its
+    continuations: :func:`score_continuations`'s, up to rounding. ``progress`` gets the number
+    of prompts done.
     """
-    scores: list[list[float]] = []
-    for row in pack_label_rows(prompts, continuations, shared, group_tokens):
-        cache = copy.deepcopy(shared.cache) if row.layout.prefix else None
-        scores += _score_row(model, row, cache, bf16)
-        if progress:
-            progress(len(scores))
+    scores: list[list[float] | None] = [None] * len(prompts)
+    done = 0
+    with packed_attention(model) as switched:
+        if not switched:
+            raise ValueError("packed label scoring needs a model whose attention runs through "
+                             "transformers' attention interface (sdpa or eager)")
+        for batch in label_batches(prompts, continuations, shared, group_tokens):
+            for i, row_scores in zip(batch.order, _score_batch(model, batch, shared, bf16)):
+                scores[i] = row_scores
+            done += len(batch.order)
+            if progress:
+                progress(done)
     return scores
 
 
-def _score_row(model, row: PackedRow, cache, bf16: bool | None) -> list[list[float]]:
+def _score_batch(model, batch: LabelBatch, shared: SharedPrefix | None,
+                 bf16: bool | None) -> list[list[float]]:
     base = base_model(model)
+    device = next(model.parameters()).device
+    tree = TreeBatch.of(batch.lengths, batch.mask.to(device), shared.kv if batch.prefix else None)
     with _autocast(model, bf16):
         hidden = base.get_decoder()(
-            input_ids=torch.tensor([row.ids]), position_ids=torch.tensor([row.positions]),
-            attention_mask=_row_mask(row.layout), cache=cache, use_cache=cache is not None,
-            packed_tree=row.layout).last_hidden_state[0]  # [T, H]
-        logps = _target_log_probs(hidden, base.get_output_embeddings(), torch.tensor(row.rows),
-                                  torch.tensor(row.tokens))
+            input_ids=torch.tensor([batch.ids], device=device),
+            position_ids=torch.tensor([batch.positions], device=device),
+            attention_mask=tree.mask, use_cache=False, packed_tree=tree).last_hidden_state[0]
+        logps = _target_log_probs(hidden, base.get_output_embeddings(),
+                                  torch.tensor(batch.rows, device=device),
+                                  torch.tensor(batch.tokens, device=device))
     out, done = [], 0
-    for tree in row.trees:
-        mine = logps[done : done + len(tree.targets)]
-        out.append([float(mine[path].sum()) for path in tree.paths])
-        done += len(tree.targets)
+    for label_tree in batch.trees:
+        mine = logps[done : done + len(label_tree.targets)]
+        out.append([float(mine[path].sum()) for path in label_tree.paths])
+        done += len(label_tree.targets)
     return out
-
-
-def _row_mask(layout: PackedTree) -> torch.Tensor:
-    """The whole row's ``[1, 1, T, prefix + T]`` mask: what any SDPA needs to be exact (the
-    tuneforge_packed attention uses the per-segment masks instead, and skips the rest)."""
-    total = sum(layout.lengths)
-    mask = torch.zeros(total, layout.prefix + total, dtype=torch.bool)
-    mask[:, : layout.prefix] = True
-    at = 0
-    for n, seg in zip(layout.lengths, layout.masks):
-        mask[at : at + n, layout.prefix + at : layout.prefix + at + n] = seg[:, layout.prefix :]
-        at += n
-    return mask[None, None]
 
 
 def _target_log_probs(hidden: torch.Tensor, head: torch.nn.Module, rows: torch.Tensor,
@@ -337,7 +436,14 @@ def _target_log_probs(hidden: torch.Tensor, head: torch.nn.Module, rows: torch.T
     prompt's last position predicts the first token of every candidate).
     """
     unique, inverse = torch.unique(rows, return_inverse=True)
-    out = torch.empty(len(rows), dtype=torch.float32)
+    out = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
+    device = hidden.device.type
+    if type(head) is torch.nn.Linear and torch.is_autocast_enabled(device):
+        # cast once, not per chunk (a tied output layer is the embedding's fp32 weight)
+        dtype = torch.get_autocast_dtype(device)
+        weight = head.weight.to(dtype)
+        bias = None if head.bias is None else head.bias.to(dtype)
+        head = lambda x: torch.nn.functional.linear(x.to(dtype), weight, bias)  # noqa: E731
     for lo in range(0, len(unique), chunk):
         logp = torch.log_softmax(head(hidden[unique[lo : lo + chunk]]).float(), dim=-1)
         here = (inverse >= lo) & (inverse < lo + chunk)
@@ -365,21 +471,19 @@ def classify(model, tokenizer, prompts: Sequence[Prompt], gold: list[str], label
     was_training = model.training
     model.eval()
     try:
-        tokenised = [candidate_ids(tokenizer, p, candidates) for p in prompts]
+        tokenised = candidate_ids_batch(tokenizer, prompts, candidates)
         ids = [t[0] for t in tokenised]
         conts = [t[1] for t in tokenised]
-        shared = SharedPrefix.of(model, ids, bf16)
-        scores = None
-        if packed and _fits_packed(model, ids, conts):
-            with packed_attention(model) as switched:
-                if switched:
-                    scores = score_packed(model, ids, conts, bf16, shared, progress=progress)
-        if scores is None:
-            scores = []
-            for p, c in zip(ids, conts):
-                scores.append(score_continuations(model, p, c, bf16, shared))
-                if progress:
-                    progress(len(scores))
+        with bf16_weights(model, bf16):
+            shared = SharedPrefix.of(model, ids, bf16)
+            if packed and _fits_packed(model, ids, conts) and can_use_packed_attention(model):
+                scores = score_packed(model, ids, conts, bf16, shared, progress=progress)
+            else:
+                scores = []
+                for p, c in zip(ids, conts):
+                    scores.append(score_continuations(model, p, c, bf16, shared))
+                    if progress:
+                        progress(len(scores))
     finally:
         model.train(was_training)
     predicted = [labels[max(range(len(labels)), key=s.__getitem__)] for s in scores]

@@ -11,15 +11,15 @@ The implementation is registered with transformers under the name ``tuneforge_pa
 takes the packed path only when the caller passes ``packed_seq_lens`` (our loss wrapper does);
 otherwise (generation with padding masks and KV caches) it is exactly transformers' SDPA, and
 the mask builder is SDPA's too. Label scoring passes ``packed_tree`` instead (a
-:class:`PackedTree`: prompts whose candidate labels branch off them, after a cached prefix):
-one masked SDPA call per prompt (:func:`tree_attention_forward`; inference only, no dropout).
+:class:`TreeBatch`: prompts whose candidate labels branch off them, after a shared prefix): one
+masked SDPA call per batch (:func:`tree_attention_forward`; inference only, no dropout).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,8 @@ def packed_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """query ``[1, H, T, D]``, key/value ``[1, Hkv, T, D]`` -> output ``[1, T, H, D]``."""
     tree = kwargs.pop("packed_tree", None)
-    if tree is not None and query.shape[0] == 1 and key.shape[2] == tree.prefix + query.shape[2]:
-        return tree_attention_forward(query, key, value, tree, scaling)
+    if tree is not None:
+        return tree_attention_forward(module, query, key, value, tree, scaling)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     usable = (
         packed_seq_lens is not None
@@ -70,16 +70,21 @@ def packed_attention_forward(
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def can_use_packed_attention(model: torch.nn.Module) -> bool:
+    """Whether :func:`use_packed_attention` would switch ``model`` (changes nothing)."""
+    config = getattr(base_model(model), "config", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager", NAME)
+
+
 def use_packed_attention(model: torch.nn.Module) -> bool:
     """Switch a transformers model (or a PEFT wrapper of one) to the packed implementation.
 
     Returns False (and changes nothing) for models that do not dispatch attention through
     transformers' attention interface or use something other than SDPA/eager.
     """
-    base = base_model(model)
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", NAME):
+    if not can_use_packed_attention(model):
         return False
+    base = base_model(model)
     AttentionInterface.register(NAME, packed_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     for module in base.modules():  # the top config and any sub-configs that carry the choice
@@ -90,41 +95,79 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
 
 
 @dataclass
-class PackedTree:
-    """The layout of a packed row whose segments are token trees (label scoring).
+class TreeBatch:
+    """Label scoring's layout: a packed row of ``B`` segments, each a prompt followed by its
+    candidate labels as a token tree, after ``prefix`` shared tokens; attention runs the
+    segments as a right-padded batch of ``W`` tokens each.
 
-    The keys are ``prefix`` cached tokens that every segment sees (a shared prompt start, or
-    0), then the row's segments of ``lengths`` tokens. ``masks[i]`` is segment ``i``'s
-    ``[L_i, prefix + L_i]`` boolean mask (True: may attend), over the prefix and its own
-    tokens: a prompt is causal, and each label branch sees the prompt and its own ancestors
-    but not its sibling branches. Passed to the model as the ``packed_tree`` keyword.
+    ``gather`` ``[B * W]``: the row position of each batch position (padding repeats the
+    segment's first token); ``scatter`` ``[T]``: the batch position of each row token.
+    ``mask`` ``[B, 1, W, prefix + W]`` bool (True: may attend), over the prefix and the
+    segment: a prompt is causal, each label branch sees the prompt and its own ancestors but
+    not its sibling branches; a padding query sees key 0 only (no empty row).
+    ``prefix_kv[layer]`` is that layer's ``(keys, values)`` ``[1, Hkv, prefix, D]`` of the
+    shared tokens (None when there are none). Passed to the model as ``packed_tree``.
     """
 
-    prefix: int
-    lengths: list[int]
-    masks: list[torch.Tensor]
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    mask: torch.Tensor
+    prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+    _additive: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], mask: torch.Tensor,
+           prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> TreeBatch:
+        """The layout of segments of ``lengths`` tokens laid end to end."""
+        width = max(lengths)
+        gather = torch.zeros(len(lengths), width, dtype=torch.long)
+        scatter, at = [], 0
+        for b, n in enumerate(lengths):
+            gather[b, :n] = torch.arange(at, at + n)
+            gather[b, n:] = at
+            scatter.append(torch.arange(b * width, b * width + n))
+            at += n
+        return cls(gather.view(-1).to(mask.device), torch.cat(scatter).to(mask.device), mask,
+                   prefix_kv)
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """``mask`` as 0 / -inf in ``dtype``, built once and reused by every layer."""
+        if dtype not in self._additive:
+            self._additive[dtype] = torch.zeros(self.mask.shape, dtype=dtype,
+                                                device=self.mask.device).masked_fill_(
+                                                    ~self.mask, float("-inf"))
+        return self._additive[dtype]
 
 
-def tree_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           tree: PackedTree, scaling: float | None = None,
+def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor, tree: TreeBatch, scaling: float | None = None,
                            ) -> tuple[torch.Tensor, None]:
-    """Attention of a :class:`PackedTree` row, one masked SDPA call per segment.
+    """Attention of a :class:`TreeBatch` row: one SDPA call over its segments as a batch.
 
-    query ``[1, H, T, D]``, key/value ``[1, Hkv, prefix + T, D]`` -> ``[1, T, H, D]``. One mask
-    over the whole row would be exact too, but the kernel would then do the work of the whole
-    ``T x (prefix + T)`` rectangle: ``k`` segments cost ``k`` times the attention needed.
+    query ``[1, H, T, D]``, key/value ``[1, Hkv, T, D]`` -> ``[1, T, H, D]``. The segments are
+    gathered into ``[B, h, W, D]`` and the shared prefix's keys and values (``prefix_kv`` at the
+    module's ``layer_idx``) put before each segment's. Under autocast q, k and v are cast
+    first, so the copies move half the bytes. One mask over the whole row would make the kernel
+    do the whole ``T x (prefix + T)`` rectangle; one call per segment pays the call's cost ``B``
+    times per layer (both slower on the CPU, measured: bench/README.md).
     """
-    gqa = query.shape[1] != key.shape[1]
-    p, lengths = tree.prefix, list(tree.lengths)
-    k_pre, v_pre = key[:, :, :p], value[:, :, :p]
-    outputs = []
-    for q, k, v, mask in zip(query.split(lengths, dim=2), key[:, :, p:].split(lengths, dim=2),
-                             value[:, :, p:].split(lengths, dim=2), tree.masks):
-        if p:
-            k, v = torch.cat([k_pre, k], dim=2), torch.cat([v_pre, v], dim=2)
-        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                                      enable_gqa=gqa))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    b, w = tree.mask.shape[0], tree.mask.shape[2]
+
+    def batch(x: torch.Tensor) -> torch.Tensor:  # [1, h, T, D] -> [B, h, W, D]
+        return (x[0].to(dtype).index_select(1, tree.gather).view(x.shape[1], b, w, x.shape[-1])
+                .transpose(0, 1))
+
+    k, v = batch(key), batch(value)
+    if tree.prefix_kv is not None:
+        k_pre, v_pre = tree.prefix_kv[module.layer_idx]
+        k = torch.cat([k_pre.to(dtype).expand(b, -1, -1, -1), k], dim=2)
+        v = torch.cat([v_pre.to(dtype).expand(b, -1, -1, -1), v], dim=2)
+    out = F.scaled_dot_product_attention(batch(query), k, v, attn_mask=tree.additive(dtype),
+                                         scale=scaling, enable_gqa=query.shape[1] != k.shape[1])
+    out = out.transpose(1, 2).reshape(b * w, query.shape[1], query.shape[-1])
+    return out.index_select(0, tree.scatter)[None], None
 
 
 @contextmanager
