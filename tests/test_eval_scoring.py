@@ -231,3 +231,71 @@ def test_builtin_model_accuracy_is_the_reference_accuracy():
         plain = classify(*args, prefix=spec.prefix, suffix=spec.suffix, bf16=False, packed=False)
         assert round(fast.accuracy, 3) == round(plain.accuracy, 3)
         assert fast.predicted == plain.predicted
+
+
+def training_loss(model, sequences) -> tuple[float, int]:
+    """Training's loss, one whole sequence per packed row, fp32: the reference."""
+    from tuneforge.data.packing import pack
+    from tuneforge.losses.causal_lm import CausalLMLoss
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for seq in sequences:
+            packed = pack([seq])
+            nll, n = CausalLMLoss(model)(packed["input_ids"], packed["targets"],
+                                         position_ids=packed["position_ids"],
+                                         seq_lens=packed["seq_lens"])
+            total, count = total + float(nll), count + int(n)
+    return total, count
+
+
+def test_target_nll_equals_the_training_loss_with_and_without_a_shared_prefix(tiny):
+    from tuneforge.data.render import IGNORE_INDEX, TokenizedExample
+    from tuneforge.eval.classify import target_nll
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+
+    def seq(prefix, own, trained_from, gaps=()):
+        ids = prefix + torch.randint(0, vocab, (own,), generator=g).tolist()
+        labels = [IGNORE_INDEX if t < trained_from or t in gaps else x for t, x in enumerate(ids)]
+        return TokenizedExample(ids, labels)
+
+    shots = torch.randint(0, vocab, (40,), generator=g).tolist()
+    # a shared untrained start (few-shot context), answers of several lengths, one with an
+    # untrained gap inside (a multi-turn chat), one trained from its second token on
+    sequences = [seq(shots, 5 + 7 * i, 40 + 3 + i, gaps={50}) for i in range(6)]
+    for group_tokens in (1, 64, 100_000):
+        got = target_nll(model, sequences, bf16=False, group_tokens=group_tokens)
+        want = training_loss(model, sequences)
+        assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-5)
+    # a target inside the common start shortens the shared prefix to before it
+    early = [*sequences, seq(shots, 9, 30)]
+    got, want = target_nll(model, early, bf16=False), training_loss(model, early)
+    assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-5)
+    # nothing in common, nothing trained
+    plain = [seq([], 12, 1), seq([], 30, 4)]
+    got, want = target_nll(model, plain, bf16=False), training_loss(model, plain)
+    assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-5)
+    assert target_nll(model, [seq([], 5, 99)], bf16=False) == (0.0, 0)
+
+
+def test_completion_loss_with_shots_equals_the_training_loss(tiny):
+    from tuneforge.data.example import Example, Message
+    from tuneforge.data.render import render_sft
+    from tuneforge.eval.evaluate import completion_loss
+    from tuneforge.eval.fewshot import shots_as_context
+
+    model, tok = tiny
+    train = [Example("t.jsonl", i + 1, "chat", messages=[Message("user", f"refund {i} please"),
+                                                           Message("assistant", "Returns")])
+             for i in range(3)]
+    test = [Example("x.jsonl", i + 1, "chat", messages=[
+        Message("system", "Route the ticket."), Message("user", "card charged twice " * (i + 1)),
+        Message("assistant", ["Billing", "Sales", "Returns please"][i % 3])]) for i in range(5)]
+    for shots in ((), train):
+        context = [shots_as_context(ex, shots) for ex in test]
+        total, count = training_loss(model, [render_sft(ex, tok) for ex in context])
+        assert completion_loss(model, tok, context, bf16=False) == pytest.approx(total / count,
+                                                                                 rel=1e-5)

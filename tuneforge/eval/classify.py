@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneforge.data.packing import pack
+from tuneforge.data.render import IGNORE_INDEX, TokenizedExample
 from tuneforge.data.templates import Prompt, prompt_ids
 from tuneforge.eval.metrics import classification_metrics
 from tuneforge.models.adapters import base_model
@@ -82,12 +84,14 @@ class SharedPrefix:
     @classmethod
     @torch.no_grad()
     def of(cls, model, prompts: Sequence[list[int]], bf16: bool | None = None,
-           ) -> SharedPrefix | None:
+           limit: int | None = None) -> SharedPrefix | None:
         """The longest prefix shared by all ``prompts`` (leaving each at least one token of its
-        own), run once; None when there are fewer than two prompts or it is short."""
+        own, and at most ``limit`` tokens), run once; None when there are fewer than two prompts
+        or it is short."""
         if len(prompts) < 2:
             return None
         n = min(len(p) for p in prompts) - 1
+        n = n if limit is None else min(n, limit)
         first = prompts[0]
         for other in prompts[1:]:
             n = next((i for i in range(n) if other[i] != first[i]), n)
@@ -344,16 +348,21 @@ def label_batches(prompts: Sequence[list[int]], continuations: Sequence[Sequence
     size = [len(p) - skip[i] + len(trees[i].tokens) for i, p in enumerate(prompts)]
     if any(len(p) - skip[i] < 1 for i, p in enumerate(prompts)):
         raise ValueError("label scoring needs a prompt of at least one token")
+    return [_batch(group, prompts, trees, skip[group[0]])
+            for group in _groups(size, skip, group_tokens)]
+
+
+def _groups(size: Sequence[int], skip: Sequence[int], group_tokens: int) -> list[list[int]]:
+    """Indices, those after a shared prefix first, shortest first, cut into groups of at most
+    ``group_tokens`` tokens (at least one each) with the same ``skip``."""
     out, group, total = [], [], 0
-    for i in sorted(range(len(prompts)), key=lambda i: (-skip[i], size[i])):
+    for i in sorted(range(len(size)), key=lambda i: (-skip[i], size[i])):
         if group and (skip[i] != skip[group[0]] or total + size[i] > group_tokens):
-            out.append(_batch(group, prompts, trees, skip[group[0]]))
+            out.append(group)
             group, total = [], 0
         group.append(i)
         total += size[i]
-    if group:
-        out.append(_batch(group, prompts, trees, skip[group[0]]))
-    return out
+    return out + [group] if group else out
 
 
 def _batch(order: list[int], prompts: Sequence[list[int]], trees: list[LabelTree],
@@ -369,13 +378,21 @@ def _batch(order: list[int], prompts: Sequence[list[int]], trees: list[LabelTree
         rows += [offset + own - 1 if source < 0 else offset + own + source
                  for source, _ in tree.targets]
         tokens += [token for _, token in tree.targets]
+    return LabelBatch(list(order), ids, positions, lengths, prefix,
+                      _segments_mask(lengths, masks, prefix), rows, tokens,
+                      [trees[i] for i in order])
+
+
+def _segments_mask(lengths: Sequence[int], masks: Sequence[torch.Tensor],
+                   prefix: int) -> torch.Tensor:
+    """Each segment's ``[L, prefix + L]`` mask laid into one ``[B, 1, W, prefix + W]`` batch
+    mask (:class:`tuneforge.models.attention.TreeBatch`: padding queries see key 0)."""
     width = max(lengths)
-    mask = torch.zeros(len(order), 1, width, prefix + width, dtype=torch.bool)
+    mask = torch.zeros(len(lengths), 1, width, prefix + width, dtype=torch.bool)
     for b, (n, seg) in enumerate(zip(lengths, masks)):
         mask[b, 0, :n, : prefix + n] = seg
         mask[b, 0, n:, 0] = True
-    return LabelBatch(list(order), ids, positions, lengths, prefix, mask, rows, tokens,
-                      [trees[i] for i in order])
+    return mask
 
 
 @torch.no_grad()
@@ -410,22 +427,87 @@ def score_packed(model, prompts: Sequence[list[int]], continuations: Sequence[Se
 def _score_batch(model, batch: LabelBatch, shared: SharedPrefix | None,
                  bf16: bool | None) -> list[list[float]]:
     base = base_model(model)
-    device = next(model.parameters()).device
-    tree = TreeBatch.of(batch.lengths, batch.mask.to(device), shared.kv if batch.prefix else None)
     with _autocast(model, bf16):
-        hidden = base.get_decoder()(
-            input_ids=torch.tensor([batch.ids], device=device),
-            position_ids=torch.tensor([batch.positions], device=device),
-            attention_mask=tree.mask, use_cache=False, packed_tree=tree).last_hidden_state[0]
+        hidden = _hidden(model, batch.ids, batch.positions, batch.lengths, batch.mask,
+                         shared if batch.prefix else None)
         logps = _target_log_probs(hidden, base.get_output_embeddings(),
-                                  torch.tensor(batch.rows, device=device),
-                                  torch.tensor(batch.tokens, device=device))
+                                  torch.tensor(batch.rows, device=hidden.device),
+                                  torch.tensor(batch.tokens, device=hidden.device))
     out, done = [], 0
     for label_tree in batch.trees:
         mine = logps[done : done + len(label_tree.targets)]
         out.append([float(mine[path].sum()) for path in label_tree.paths])
         done += len(label_tree.targets)
     return out
+
+
+def _hidden(model, ids: list[int], positions: list[int], lengths: list[int], mask: torch.Tensor,
+            shared: SharedPrefix | None) -> torch.Tensor:
+    """The decoder's last hidden states ``[T, H]`` of a packed row of segments after
+    ``shared``'s cached tokens, attention as a :class:`TreeBatch` (needs the tuneforge_packed
+    attention switched on)."""
+    device = next(model.parameters()).device
+    tree = TreeBatch.of(lengths, mask.to(device), shared.kv if shared is not None else None)
+    return base_model(model).get_decoder()(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=torch.tensor([positions], device=device),
+        attention_mask=tree.mask, use_cache=False, packed_tree=tree).last_hidden_state[0]
+
+
+@torch.no_grad()
+def target_nll(model, sequences: Sequence[TokenizedExample], bf16: bool | None = None,
+               group_tokens: int = GROUP_TOKENS) -> tuple[float, int]:
+    """(sum of -log p, count) over the trained tokens (labels not -100) of ``sequences``, as
+    training's loss counts them, packed as label scoring packs prompts: the untrained tokens
+    every sequence starts with (a system message, few-shot examples) run once as a shared
+    prefix, sequences of similar length share a forward, bf16 where the hardware has it.
+
+    Falls back to one packed row of whole sequences at a time (training's loss) for a model
+    whose attention cannot switch to tuneforge_packed or whose sliding window is reached.
+    """
+    from tuneforge.losses.causal_lm import CausalLMLoss, chunked_target_logps
+
+    ids = [list(s.input_ids) for s in sequences]
+    targets = [list(s.labels[1:]) + [IGNORE_INDEX] for s in sequences]
+    total, count = 0.0, sum(t != IGNORE_INDEX for row in targets for t in row)
+    if not count:
+        return 0.0, 0
+    with bf16_weights(model, bf16):
+        if not (_fits_packed(model, ids, [[]] * len(ids)) and can_use_packed_attention(model)):
+            wrapper = CausalLMLoss(model)
+            with _autocast(model, bf16):
+                for lo in range(0, len(sequences), 8):
+                    packed = pack(list(sequences[lo : lo + 8]))
+                    nll, _ = wrapper(packed["input_ids"], packed["targets"],
+                                     position_ids=packed["position_ids"],
+                                     seq_lens=packed["seq_lens"])
+                    total += float(nll)
+            return total, count
+        # the prefix may hold no target: its last token's prediction is not computed here
+        first = min((next((t for t, y in enumerate(row) if y != IGNORE_INDEX), len(row))
+                     for row in targets), default=0)
+        shared = SharedPrefix.of(model, ids, bf16, limit=first)
+        skip = [len(shared.ids) if shared is not None and shared.starts(i) else 0 for i in ids]
+        head = base_model(model).get_output_embeddings()
+        with packed_attention(model), _autocast(model, bf16):
+            for group in _groups([len(i) - k for i, k in zip(ids, skip)], skip, group_tokens):
+                p = skip[group[0]]
+                lengths = [len(ids[i]) - p for i in group]
+                mask = _segments_mask(lengths, [_causal(n, p) for n in lengths], p)
+                hidden = _hidden(model, [t for i in group for t in ids[i][p:]],
+                                 [t for i in group for t in range(p, len(ids[i]))], lengths, mask,
+                                 shared if p else None)
+                wanted = torch.tensor([t for i in group for t in targets[i][p:]],
+                                      device=hidden.device)
+                total -= float(chunked_target_logps(hidden, head, wanted).sum())
+    return total, count
+
+
+def _causal(n: int, prefix: int) -> torch.Tensor:
+    """``[n, prefix + n]``: every token sees the prefix and itself and the tokens before it."""
+    mask = torch.ones(n, prefix + n, dtype=torch.bool)
+    mask[:, prefix:] = torch.ones(n, n, dtype=torch.bool).tril()
+    return mask
 
 
 def _target_log_probs(hidden: torch.Tensor, head: torch.nn.Module, rows: torch.Tensor,

@@ -23,7 +23,6 @@ import torch
 
 from tuneforge.config import RunConfig, TaskConfig, TemplateConfig, default_task_name, task_configs
 from tuneforge.data.example import Example
-from tuneforge.data.packing import pack
 from tuneforge.data.render import render_sft
 from tuneforge.data.templates import (
     apply_template,
@@ -31,7 +30,7 @@ from tuneforge.data.templates import (
     prompt_and_reference,
 )
 from tuneforge.errors import DataError, TuneforgeError
-from tuneforge.eval.classify import classify
+from tuneforge.eval.classify import classify, target_nll
 from tuneforge.eval.fewshot import pick_shots, shots_as_context, with_shots
 from tuneforge.eval.metrics import classification_metrics, generation_metrics, perplexity
 from tuneforge.eval.tasks import TaskSpec, gold_label, load_task_examples, resolve_task
@@ -123,25 +122,18 @@ def _generate_raw(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-@torch.no_grad()
-def completion_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 8) -> float:
-    """Mean negative log-likelihood (nats per token) of the trained answer tokens of ``examples``.
+def completion_loss(model, tokenizer, examples: Sequence[Example], bf16: bool | None = None,
+                    ) -> float:
+    """Mean negative log-likelihood (nats per token) of the trained answer tokens of ``examples``
+    (rendered as training renders them), bf16 where the hardware has it unless ``bf16=False``.
 
-    Examples are packed ``batch_size`` at a time into one row (``[1, T]``) as in training.
+    :func:`tuneforge.eval.classify.target_nll` packs them: few-shot examples that every
+    example starts with run once.
     """
-    from tuneforge.losses.causal_lm import CausalLMLoss
-
-    wrapper = CausalLMLoss(model)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     try:
-        rendered = [render_sft(ex, tokenizer) for ex in examples]
-        for lo in range(0, len(rendered), batch_size):
-            packed = pack(rendered[lo : lo + batch_size])
-            nll, n = wrapper(packed["input_ids"], packed["targets"],
-                             position_ids=packed["position_ids"], seq_lens=packed["seq_lens"])
-            total, count = total + float(nll), count + int(n)
+        total, count = target_nll(model, [render_sft(ex, tokenizer) for ex in examples], bf16)
     finally:
         model.train(was_training)
     return total / max(count, 1)
