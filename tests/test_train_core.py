@@ -262,6 +262,31 @@ def test_per_example_packed_attention_matches_padded_loss_and_gradients(arch):
     torch.testing.assert_close(again, ref, rtol=1e-5, atol=1e-4)
 
 
+def test_cpu_training_attention_runs_in_fp32_under_autocast_and_scoring_stays_bf16():
+    """CPU_BACKWARD_FP32: with gradients the packed attention takes fp32 inputs (faster backward
+    on the CPU) and gives the fp32 attention's output; without gradients it stays bf16."""
+    import tuneforge.models.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 12, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 2, 12, 8, generator=g, requires_grad=True) for _ in range(2))
+    module = torch.nn.Module()
+
+    def run(qq, kk, vv):
+        return attention.packed_attention_forward(module, qq, kk, vv, None, packed_seq_lens=[5, 7])[0]
+
+    want = run(q, k, v)  # fp32, autocast off
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(q, k, v)
+        with torch.no_grad():
+            inference = run(q, k, v)
+    assert out.dtype == torch.float32 and inference.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    assert q.grad is not None and k.grad is not None
+    assert attention.CPU_BACKWARD_FP32
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_gradient_checkpointing_gives_the_same_update(method):
     """Recomputing activations in backward (train.gradient_checkpointing) changes memory, not

@@ -31,6 +31,12 @@ from tuneforge.models.adapters import base_model
 
 NAME = "tuneforge_packed"
 
+CPU_BACKWARD_FP32 = True
+"""Training on the CPU under bf16 autocast: the packed attention takes fp32 inputs. SDPA's CPU
+backward is faster in fp32 than in bf16 (the same kernel; a LoRA step of the built-in model
+gained ~9% tokens/s, measured: bench/README.md, "Training attention"); calls without gradients
+(validation, scoring, generation) stay in bf16, where the forward is faster."""
+
 
 def packed_attention_forward(
     module: torch.nn.Module,
@@ -58,6 +64,11 @@ def packed_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    if (CPU_BACKWARD_FP32 and query.device.type == "cpu" and query.requires_grad
+            and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")):
+        with torch.autocast("cpu", enabled=False):
+            return packed_attention_forward(module, query.float(), key.float(), value.float(),
+                                            None, dropout, scaling, packed_seq_lens)
     # split, not slicing: the backward of a slice writes its gradient into a zeroed tensor of
     # the whole row (one memset and one add per example, layer and tensor); split's is one cat
     lengths = list(packed_seq_lens)
