@@ -287,6 +287,37 @@ def test_lora_on_a_packed_base_runs_unmerged_and_follows_disable_adapter():
     assert inference_model(model, "bf16")[0] is not plain
 
 
+def test_an_optimizer_step_on_lora_refreshes_the_unmerged_copy_in_place():
+    """After a LoRA update the copy takes the new adapter tensors (what rollouts need after
+    every step) and gives exactly what a copy made from scratch gives; a change outside the
+    adapter still makes a new copy."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.generation.inference_copy import bf16_copy, inference_model, int4_available
+
+    if not int4_available(torch.device("cpu")):
+        pytest.skip("no int4 CPU kernels in this torch")
+    base, tok = load_model("tiny:llama")
+    snap_to_grid(base, 4)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            init_lora_weights=False)).eval()
+    fast, _ = inference_model(model, "bf16")
+    before = logits(fast, tok, CONVERSATIONS[0])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.tensor([render_prompt(CONVERSATIONS[1], tok)])
+    model(input_ids=ids).logits.square().mean().backward()
+    optimizer.step()
+    again, _ = inference_model(model, "bf16")
+    assert again is fast  # refreshed, not made again
+    after = logits(again, tok, CONVERSATIONS[0])
+    assert (after - before).abs().max() > 1e-3  # the update shows
+    assert torch.equal(after, logits(bf16_copy(model), tok, CONVERSATIONS[0]))
+    with torch.no_grad():
+        model.get_base_model().model.norm.weight.mul_(1.5)  # outside the adapter
+    assert inference_model(model, "bf16")[0] is not fast
+
+
 def test_rows_with_their_own_settings_match_each_row_alone(tiny):
     """A server batch mixes greedy and sampled rows with their own limits and seeds: each row
     gives what it gives alone."""

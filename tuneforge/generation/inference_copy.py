@@ -5,8 +5,9 @@
 - ``"bf16"`` runs an inference copy whose linear layers hold bf16 weights (matmuls take bf16
   inputs and accumulate in fp32; the residual stream, norms and attention stay fp32, as under
   autocast). A PEFT adapter is merged in, made once per model and reused until its parameters
-  or active adapters change (after an optimizer step it is rebuilt, which takes a moment for
-  135M; measured: bench/README.md).
+  or active adapters change (rebuilt then, which takes a moment for 135M; measured:
+  bench/README.md), except that an unmerged LoRA branch (below) takes the adapter's new
+  tensors in place after an optimizer step.
   Weights that lie exactly on a GGUF grid (groups of 32: Q4_0/Q4_1 16 levels, Q8_0 multiples
   of a scale), as the built-in model's do, are also packed as int4 (one part for Q4, two for
   Q8) and decode steps with few rows multiply with those: 4x (2x) fewer bytes per token, no
@@ -59,17 +60,30 @@ def inference_model(model, precision: str = "auto"):
         return model, True
     if model_dtype(model) != torch.float32:
         return model, False  # already low precision: run as is
-    signature = (tuple((p.data_ptr(), p._version) for p in model.parameters()),
-                 _adapter_state(model))
+    fixed, adapter = _signature(model)
     cached = BF16_COPIES.get(model)
-    if cached is not None and cached[0] == signature:
-        return cached[1], False
+    if cached is not None:
+        (was_fixed, was_adapter), dup = cached
+        # after an optimizer step on a LoRA adapter only its tensors changed: an unmerged copy
+        # takes the new ones in place (milliseconds) instead of being made again (seconds)
+        if was_fixed == fixed and (was_adapter == adapter or _refresh_lora(dup, model)):
+            BF16_COPIES[model] = ((fixed, adapter), dup)
+            return dup, False
     BF16_COPIES.pop(model, None)  # free the stale copy before making the next one
     # not the caller's (training) autocast
     with torch.autocast(model_device(model).type, enabled=False):
         dup = bf16_copy(model)
-    BF16_COPIES[model] = (signature, dup)
+    BF16_COPIES[model] = ((fixed, adapter), dup)
     return dup, False
+
+
+def _signature(model) -> tuple[tuple, tuple]:
+    """(what only a new copy can follow: the tensors outside LoRA adapters and which adapters
+    are active, the LoRA tensors), each tensor as (storage, version)."""
+    fixed, lora = [], []
+    for name, p in model.named_parameters():
+        (lora if "lora_" in name else fixed).append((p.data_ptr(), p._version))
+    return (tuple(fixed), _adapter_state(model)), tuple(lora)
 
 
 def model_device(model) -> torch.device:
@@ -152,25 +166,59 @@ def _lora_unmerged(dup, pack_int4: bool, out_dtype):
         parts = _int4_parts(base.weight)
         if parts is None:
             return None
-        branches = []
-        if not module.disable_adapters:
-            for adapter in module.active_adapters:
-                if adapter not in module.lora_A:
-                    continue
-                if adapter in getattr(module, "lora_variant", {}) or (
-                        module.lora_B[adapter].bias is not None):
-                    return None  # DoRA and other variants, LoRA biases: merge instead
-                a = module.lora_A[adapter].weight
-                b = module.lora_B[adapter].weight * module.scaling[adapter]
-                branches.append((a.float(), b.float()))
+        branches = _lora_branches(module)
+        if branches is None:
+            return None  # DoRA and other variants, LoRA biases: merge instead
         plan.append((name, base, parts, branches))
     if not plan:
         return None
+    sources = []
     for name, base, parts, branches in plan:
         parent_name, _, child = name.rpartition(".")
-        setattr(dup.get_submodule(parent_name), child,
-                InferenceLinear(base, parts, out_dtype=out_dtype, lora=branches))
-    return dup.get_base_model()
+        linear = InferenceLinear(base, parts, out_dtype=out_dtype, lora=branches)
+        setattr(dup.get_submodule(parent_name), child, linear)
+        sources.append((name, linear))
+    copy_ = dup.get_base_model()
+    copy_._lora_sources = sources  # (LoRA layer's name in the PEFT model, its InferenceLinear)
+    return copy_
+
+
+def _lora_branches(module) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """A PEFT LoRA layer's active branches as fp32 ``(A, B * scaling)`` snapshots; None for
+    what an unmerged branch cannot run (DoRA and other variants, LoRA biases)."""
+    branches = []
+    if module.disable_adapters:
+        return branches
+    with torch.no_grad():
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if adapter in getattr(module, "lora_variant", {}) or (
+                    module.lora_B[adapter].bias is not None):
+                return None
+            a = module.lora_A[adapter].weight.detach().float().clone()
+            b = (module.lora_B[adapter].weight * module.scaling[adapter]).detach().float()
+            branches.append((a, b))
+    return branches
+
+
+def _refresh_lora(dup, model) -> bool:
+    """Give an unmerged copy (:func:`_lora_unmerged`) ``model``'s current LoRA tensors; False
+    (nothing changed) for a copy without unmerged branches or one they no longer fit."""
+    sources = getattr(dup, "_lora_sources", None)
+    if not sources:
+        return False
+    modules = dict(model.named_modules())
+    fresh = []
+    for name, linear in sources:
+        module = modules.get(name)
+        branches = _lora_branches(module) if module is not None else None
+        if branches is None or [a.shape for a, _ in branches] != [a.shape for a, _ in linear.lora]:
+            return False
+        fresh.append((linear, branches))
+    for linear, branches in fresh:
+        linear.lora = branches
+    return True
 
 
 def int4_available(device: torch.device) -> bool:
