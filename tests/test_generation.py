@@ -260,10 +260,12 @@ def test_off_grid_weights_are_not_packed():
     assert not any(m.int4_parts for m in fast.modules() if isinstance(m, InferenceLinear))
 
 
-def test_lora_on_a_packed_base_runs_unmerged_and_follows_disable_adapter():
+def lora_on_a_packed_base():
+    """(tiny model on a 4-bit grid with a random LoRA adapter on every linear layer, tokenizer),
+    in eval mode; skips where torch has no int4 CPU kernels."""
     from peft import LoraConfig, get_peft_model
 
-    from tuneforge.generation.inference_copy import InferenceLinear, inference_model, int4_available
+    from tuneforge.generation.inference_copy import int4_available
 
     if not int4_available(torch.device("cpu")):
         pytest.skip("no int4 CPU kernels in this torch")
@@ -272,7 +274,13 @@ def test_lora_on_a_packed_base_runs_unmerged_and_follows_disable_adapter():
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                             init_lora_weights=False))
-    model.eval()
+    return model.eval(), tok
+
+
+def test_lora_on_a_packed_base_runs_unmerged_and_follows_disable_adapter():
+    from tuneforge.generation.inference_copy import InferenceLinear, inference_model
+
+    model, tok = lora_on_a_packed_base()
     fast, _ = inference_model(model, "bf16")
     branches = [m for m in fast.modules() if isinstance(m, InferenceLinear) and m.lora]
     assert branches and all(m.int4_parts for m in branches)
@@ -291,17 +299,9 @@ def test_an_optimizer_step_on_lora_refreshes_the_unmerged_copy_in_place():
     """After a LoRA update the copy takes the new adapter tensors (what rollouts need after
     every step) and gives exactly what a copy made from scratch gives; a change outside the
     adapter still makes a new copy."""
-    from peft import LoraConfig, get_peft_model
+    from tuneforge.generation.inference_copy import bf16_copy, inference_model
 
-    from tuneforge.generation.inference_copy import bf16_copy, inference_model, int4_available
-
-    if not int4_available(torch.device("cpu")):
-        pytest.skip("no int4 CPU kernels in this torch")
-    base, tok = load_model("tiny:llama")
-    snap_to_grid(base, 4)
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                            init_lora_weights=False)).eval()
+    model, tok = lora_on_a_packed_base()
     fast, _ = inference_model(model, "bf16")
     before = logits(fast, tok, CONVERSATIONS[0])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
