@@ -216,6 +216,20 @@ def test_rate_limit_is_per_key_with_retry_after():
         server.close()
 
 
+def test_models_load_in_a_thread_of_their_own_and_errors_reach_the_caller(tmp_path):
+    """load_served_models runs in a thread that ends (no OpenMP team left on the caller's
+    thread, bench/README.md); its result and its errors, with their types, reach the caller."""
+    from tuneforge.serve.engine import in_own_thread
+
+    caller = threading.get_ident()
+    assert in_own_thread(lambda x: (x, threading.get_ident()), 5)[0] == 5
+    assert in_own_thread(threading.get_ident) != caller
+    with pytest.raises(ConfigError, match="model id"):
+        load_served_models(str(tmp_path / "missing model"))
+    with pytest.raises(ConfigError, match="--precision"):
+        load_served_models("tiny:llama", precision="fp8")
+
+
 MESSAGE = [{"role": "user", "content": "hi"}]
 BAD_CHATS = [
     ({}, 400, "model"),

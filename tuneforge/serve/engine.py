@@ -164,7 +164,39 @@ def parse_adapter_args(items: list[str]) -> list[tuple[str, str]]:
 def load_served_models(spec: str, adapters: list[tuple[str, str]] = (), *,
                        precision: str = "fp32",
                        say: Callable[[str], None] = lambda _: None) -> ServedModels:
-    """Load ``spec`` (a base model spec or a run folder) and ``adapters`` onto it."""
+    """Load ``spec`` (a base model spec or a run folder) and ``adapters`` onto it, and make the
+    inference copies, in a thread of their own (:func:`in_own_thread`)."""
+    return in_own_thread(_load_served_models, spec, adapters, precision=precision, say=say)
+
+
+def in_own_thread(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run in a new thread and waited for: its result, or its exception.
+
+    Torch's parallel work gives the calling thread an OpenMP (libgomp) thread team that lasts as
+    long as that thread does. Once a process holds more team threads than it has cores, libgomp
+    stops spin-waiting between parallel regions in every team, and a decode step (hundreds of
+    small parallel regions) in the server's generation thread runs at less than half its speed
+    when the main thread has made the inference copy (measured: bench/README.md). A thread that
+    has ended leaves no team behind.
+    """
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller as it is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="tuneforge-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _load_served_models(spec: str, adapters: list[tuple[str, str]], *, precision: str,
+                        say: Callable[[str], None]) -> ServedModels:
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
     base_spec, base_id, run_adapters, description = _resolve_base(spec)
