@@ -241,10 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(ROOT))
 
+    from tuneforge.serve.engine import in_own_thread
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="tuneforge-rl-bench-") as tmp:
         for recipe in recipes:
-            row, run_dir = run_recipe_timed(args, recipe, Path(tmp))
+            # trained in a thread that ends: the main thread keeps no OpenMP team, which would
+            # slow the serve engine's batcher thread measured next (bench/README.md, serving)
+            row, run_dir = in_own_thread(run_recipe_timed, args, recipe, Path(tmp))
             print(f"{recipe}: serve engine at {row['rows']} rows", file=sys.stderr, flush=True)
             row.update(serve_throughput(args, run_dir, row["rows"]))
             row["vs_serve"] = (row["tokens_per_s"] / row["serve_tokens_per_s"]
