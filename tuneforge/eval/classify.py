@@ -234,8 +234,9 @@ def bf16_weights(model, bf16: bool | None) -> Iterator[None]:
     tensors are put back afterwards, whatever happens.
     """
     device = next(model.parameters()).device
-    if not (_bf16_enabled(model, bf16) and device.type in ("cpu", "cuda")):
-        yield
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed or not (_bf16_enabled(model, bf16) and device.type in ("cpu", "cuda")):
+        yield  # sharded or replicated parameters are the engine's to manage: autocast casts
         return
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     saved = []
