@@ -299,3 +299,20 @@ def test_completion_loss_with_shots_equals_the_training_loss(tiny):
         total, count = training_loss(model, [render_sft(ex, tok) for ex in context])
         assert completion_loss(model, tok, context, bf16=False) == pytest.approx(total / count,
                                                                                  rel=1e-5)
+
+
+def test_target_nll_falls_back_to_whole_sequences_when_a_sliding_window_is_reached():
+    from tuneforge.data.render import IGNORE_INDEX, TokenizedExample
+    from tuneforge.eval.classify import target_nll
+
+    model, _ = load_model("tiny:mistral")
+    model.eval()
+    model.config.sliding_window = 6  # shorter than the sequences: the packed path would differ
+    g = torch.Generator().manual_seed(1)
+    shots = torch.randint(0, model.config.vocab_size, (20,), generator=g).tolist()
+    sequences = []
+    for n in (5, 9):
+        ids = shots + torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+        sequences.append(TokenizedExample(ids, [IGNORE_INDEX] * 20 + ids[20:]))
+    got, want = target_nll(model, sequences, bf16=False), training_loss(model, sequences)
+    assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-5)

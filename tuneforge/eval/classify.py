@@ -475,12 +475,12 @@ def target_nll(model, sequences: Sequence[TokenizedExample], bf16: bool | None =
         return 0.0, 0
     with bf16_weights(model, bf16):
         if not (_fits_packed(model, ids, [[]] * len(ids)) and can_use_packed_attention(model)):
-            wrapper = CausalLMLoss(model)
+            wrapper, device = CausalLMLoss(model), next(model.parameters()).device
             with _autocast(model, bf16):
                 for lo in range(0, len(sequences), 8):
                     packed = pack(list(sequences[lo : lo + 8]))
-                    nll, _ = wrapper(packed["input_ids"], packed["targets"],
-                                     position_ids=packed["position_ids"],
+                    nll, _ = wrapper(packed["input_ids"].to(device), packed["targets"].to(device),
+                                     position_ids=packed["position_ids"].to(device),
                                      seq_lens=packed["seq_lens"])
                     total += float(nll)
             return total, count
