@@ -11,10 +11,10 @@ not favoured.
 each prompt's candidates form a token tree (:class:`LabelTree`: the tokens candidates start with
 run once, each label is a short branch), prompts of similar length and their trees are packed
 into one row without padding, and the attention of each token, run as one batch over the row's
-prompts, is limited to its own prompt and branch (:class:`tuneforge.models.attention.TreeBatch`). Only the positions that predict a label token
-are projected onto the vocabulary. The tokens that every prompt starts with (the system message,
-the k solved examples of a few-shot prompt) run once for the whole evaluation
-(:class:`SharedPrefix`). :func:`score_continuations` is the plain path, one prompt at a time,
+prompts, is limited to its own prompt and branch (:class:`tuneforge.models.attention.TreeBatch`).
+Only the positions that predict a label token are projected onto the vocabulary. The tokens
+that every prompt starts with (the system message, the k solved examples of a few-shot prompt)
+run once for the whole evaluation (:class:`SharedPrefix`). :func:`score_continuations` is the plain path, one prompt at a time,
 kept as the reference the packed one is tested against.
 """
 
@@ -31,6 +31,7 @@ from tuneforge.data.packing import pack
 from tuneforge.data.render import IGNORE_INDEX, TokenizedExample
 from tuneforge.data.templates import Prompt, prompt_ids
 from tuneforge.eval.metrics import classification_metrics
+from tuneforge.losses.causal_lm import CausalLMLoss, chunked_target_logps, head_casts
 from tuneforge.models.adapters import base_model
 from tuneforge.models.attention import TreeBatch, can_use_packed_attention, packed_attention
 
@@ -466,15 +467,13 @@ def target_nll(model, sequences: Sequence[TokenizedExample], bf16: bool | None =
     Falls back to one packed row of whole sequences at a time (training's loss) for a model
     whose attention cannot switch to tuneforge_packed or whose sliding window is reached.
     """
-    from tuneforge.losses.causal_lm import CausalLMLoss, chunked_target_logps
-
     ids = [list(s.input_ids) for s in sequences]
     targets = [list(s.labels[1:]) + [IGNORE_INDEX] for s in sequences]
     total, count = 0.0, sum(t != IGNORE_INDEX for row in targets for t in row)
     if not count:
         return 0.0, 0
     with bf16_weights(model, bf16):
-        if not (_fits_packed(model, ids, [[]] * len(ids)) and can_use_packed_attention(model)):
+        if not (_fits_packed(model, map(len, ids)) and can_use_packed_attention(model)):
             wrapper, device = CausalLMLoss(model), next(model.parameters()).device
             with _autocast(model, bf16):
                 for lo in range(0, len(sequences), 8):
@@ -520,12 +519,9 @@ def _target_log_probs(hidden: torch.Tensor, head: torch.nn.Module, rows: torch.T
     """
     unique, inverse = torch.unique(rows, return_inverse=True)
     out = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
-    device = hidden.device.type
-    if type(head) is torch.nn.Linear and torch.is_autocast_enabled(device):
+    if type(head) is torch.nn.Linear:
         # cast once, not per chunk (a tied output layer is the embedding's fp32 weight)
-        dtype = torch.get_autocast_dtype(device)
-        weight = head.weight.to(dtype)
-        bias = None if head.bias is None else head.bias.to(dtype)
+        dtype, weight, bias = head_casts(head, hidden.device.type)
         head = lambda x: torch.nn.functional.linear(x.to(dtype), weight, bias)  # noqa: E731
     for lo in range(0, len(unique), chunk):
         logp = torch.log_softmax(head(hidden[unique[lo : lo + chunk]]).float(), dim=-1)
@@ -534,12 +530,11 @@ def _target_log_probs(hidden: torch.Tensor, head: torch.nn.Module, rows: torch.T
     return out
 
 
-def _fits_packed(model, prompts: Sequence[list[int]], continuations) -> bool:
-    """Whether the packed path gives the reference's scores: no sliding window is reached."""
+def _fits_packed(model, lengths: Sequence[int]) -> bool:
+    """Whether the packed path gives the reference's scores for sequences of ``lengths``
+    tokens: no sliding window is reached."""
     window = getattr(getattr(base_model(model), "config", None), "sliding_window", None)
-    if not window:
-        return True
-    return all(len(p) + max(map(len, c), default=0) <= window for p, c in zip(prompts, continuations))
+    return not window or all(n <= window for n in lengths)
 
 
 def classify(model, tokenizer, prompts: Sequence[Prompt], gold: list[str], labels: list[str],
@@ -559,7 +554,8 @@ def classify(model, tokenizer, prompts: Sequence[Prompt], gold: list[str], label
         conts = [t[1] for t in tokenised]
         with bf16_weights(model, bf16):
             shared = SharedPrefix.of(model, ids, bf16)
-            if packed and _fits_packed(model, ids, conts) and can_use_packed_attention(model):
+            longest = [len(p) + max(map(len, c), default=0) for p, c in zip(ids, conts)]
+            if packed and _fits_packed(model, longest) and can_use_packed_attention(model):
                 scores = score_packed(model, ids, conts, bf16, shared, progress=progress)
             else:
                 scores = []

@@ -201,8 +201,8 @@ def generate_rows(
 
     The whole batch runs until its longest row is done (the server uses
     :class:`~tuneforge.generation.engine.DecodeEngine` instead, where rows join and leave at
-    every step, with the same tokens): rows stop at ``stop_token_ids``, at their own ``max_new_tokens``,
-    or when ``on_token`` says so (finish reason ``"stop"``). Greedy rows give the same tokens
+    every step, with the same tokens): rows stop at ``stop_token_ids``, at their own
+    ``max_new_tokens``, or when ``on_token`` says so (finish reason ``"stop"``). Greedy rows give the same tokens
     whatever else shares the batch (in fp32).
     """
     if not prompts:

@@ -86,13 +86,18 @@ def chunked_target_logps(
                                   reduction="none")
                  for i in range(0, rows.shape[0], chunk_size)]
         return torch.cat(parts)
+    dtype, weight, bias = head_casts(head, rows.device.type)  # their backward is autograd's
+    return _TargetLogProbs.apply(rows.to(dtype), weight, bias, wanted, chunk_size)
+
+
+def head_casts(head: nn.Linear, device_type: str) -> tuple[torch.dtype, torch.Tensor,
+                                                            torch.Tensor | None]:
+    """(dtype, weight, bias) of the casts autocast would make for ``head``'s matmul, made once
+    for all chunks (without autocast: the head's own dtype and tensors)."""
     weight, bias = head.weight, head.bias
-    device = rows.device.type
-    # the casts autocast would make for the head's matmul, made once (their backward is autograd's)
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    rows, weight = rows.to(dtype), weight.to(dtype)
-    bias = bias.to(dtype) if bias is not None else None
-    return _TargetLogProbs.apply(rows, weight, bias, wanted, chunk_size)
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else weight.dtype)
+    return dtype, weight.to(dtype), bias.to(dtype) if bias is not None else None
 
 
 class _TargetLogProbs(torch.autograd.Function):

@@ -34,8 +34,8 @@ NAME = "tuneforge_packed"
 CPU_BACKWARD_FP32 = True
 """Training on the CPU under bf16 autocast: the packed attention takes fp32 inputs. SDPA's CPU
 backward is faster in fp32 than in bf16 (the same kernel; a LoRA step of the built-in model
-gained ~9% tokens/s, measured: bench/README.md, "Training attention"); calls without gradients
-(validation, scoring, generation) stay in bf16, where the forward is faster."""
+gained ~8% tokens/s, measured: bench/README.md, "What each change bought"); calls without
+gradients (validation, scoring, generation) stay in bf16, where the forward is faster."""
 
 
 def packed_attention_forward(

@@ -3,10 +3,11 @@ out.
 
 prompt file (``load_prompts``) -> :class:`PromptItem` (token ids + the columns a reward reads)
 -> :class:`Sampler` completions with the policy (generated through the serving engine,
-:func:`tuneforge.generation.engine.generate_continuous`: continuous batching with a KV cache) and score them with the reward function -> :class:`Completion` (prompt +
-completion token ids), which tuneforge/train/scoring.py scores token by token under the policy
-and the reference (``score_tokens``, ``Reference.token_logps``: right-padded ``[B, T]`` tensors,
-the shapes tuneforge.losses.rl takes).
+:func:`tuneforge.generation.engine.generate_continuous`: continuous batching with a KV cache)
+and score them with the reward function -> :class:`Completion` (prompt + completion token ids),
+which tuneforge/train/scoring.py scores token by token under the policy and the reference
+(``score_tokens``, ``Reference.token_logps``: right-padded ``[B, T]`` tensors, the shapes
+tuneforge.losses.rl takes).
 
 :func:`start_online_run` and :func:`finish_online_run` are the first and last lines both
 recipes share (run folder, reward, prompts, model; reward.png and the reward summary).
